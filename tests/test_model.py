@@ -1,0 +1,172 @@
+"""model.py against the reference implementation (transformers) on tiny random checkpoints."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model as m
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def random_ids(n: int, vocab: int, seed: int) -> list[int]:
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_logits_match_transformers(tiny):
+    path, hf = tiny
+    ours, _, _ = m.load(path, device="cpu", dtype=torch.float32)
+    ids = torch.tensor([random_ids(40, hf.config.vocab_size, 0), random_ids(40, hf.config.vocab_size, 1)])
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = ours(ids)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_greedy_generation_matches_transformers(tiny):
+    path, hf = tiny
+    ours, _, _ = m.load(path, device="cpu", dtype=torch.float32)
+    prompt = random_ids(7, hf.config.vocab_size, 2)
+    hf.generation_config.eos_token_id = None  # compare 20 tokens, wherever an end-of-text falls
+    hf.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, 7:].tolist()
+    got = m.generate(ours, [prompt], max_new_tokens=20)[0]
+    assert got == expected
+
+
+def test_kv_cached_decoding_equals_full_forward(tiny):
+    path, _ = tiny
+    ours, _, _ = m.load(path, device="cpu", dtype=torch.float32)
+    ids = torch.tensor([random_ids(24, ours.config.vocab_size, 3)])
+    with torch.no_grad():
+        full = ours(ids)
+        cache = m.KVCache(ours.config, 1, 24, "cpu", torch.float32)
+        steps = [ours(ids[:, :10], cache=cache)]  # prefill, then one token at a time
+        steps += [ours(ids[:, t:t + 1], cache=cache) for t in range(10, 24)]
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-4
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tiny):
+    path, _ = tiny
+    ours, _, _ = m.load(path, device="cpu", dtype=torch.float32)
+    prompts = [random_ids(n, ours.config.vocab_size, n) for n in (3, 11, 6)]
+    batched = m.generate(ours, prompts, max_new_tokens=12)
+    alone = [m.generate(ours, [p], max_new_tokens=12)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_generation_stops_at_any_stop_id(tiny_llama):
+    path, _ = tiny_llama
+    ours, _, _ = m.load(path)
+    prompt = random_ids(5, ours.config.vocab_size, 4)
+    free = m.generate(ours, [prompt], max_new_tokens=12)[0]
+    stop = [free[3], 95]  # pretend the 4th generated token ends the turn
+    stopped = m.generate(ours, [prompt], max_new_tokens=12, stop_ids=stop)[0]
+    first = next(i for i, t in enumerate(free) if t in stop)
+    assert stopped == free[: first + 1]
+
+
+def test_sampling_is_reproducible_and_respects_top_k():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    a = m.sample(logits, 1.5, 5, None, torch.Generator().manual_seed(1))
+    b = m.sample(logits, 1.5, 5, None, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    top5 = logits.topk(5).indices
+    for _ in range(20):
+        token = m.sample(logits, 1.5, 5, None)
+        assert all(t in row for t, row in zip(token.tolist(), top5.tolist()))
+
+
+def test_top_p_keeps_the_smallest_set_holding_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    seen = {m.sample(logits, 1.0, None, 0.7).item() for _ in range(200)}
+    assert seen == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3
+
+
+def test_chat_template_and_stop_ids_come_from_the_folder(tiny_llama):
+    path, _ = tiny_llama
+    _, tokenizer, chat = m.load(path)
+    text = chat.render([{"role": "user", "content": "who is the mayor"}])
+    assert text == "<|im_start|>user\nwho is the mayor<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.token_to_id("<|im_end|>") in chat.stop_ids and 2 in chat.stop_ids
+
+
+def test_rope_parameters_and_rope_scaling_spellings_agree():
+    base = dict(architectures=["LlamaForCausalLM"], vocab_size=8, hidden_size=8, intermediate_size=8,
+                num_hidden_layers=1, num_attention_heads=2)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    old = m.Config.from_hf({**base, "rope_theta": 5e5, "rope_scaling": scaling})
+    new = m.Config.from_hf({**base, "rope_parameters": {**scaling, "rope_theta": 5e5}})
+    assert old == new and old.rope_theta == 5e5
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("architectures", ["MistralForCausalLM"], "architecture 'MistralForCausalLM'"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_type='yarn'"),
+    ("use_sliding_window", True, "sliding-window"),
+    ("hidden_act", "gelu", "hidden_act 'gelu'"),
+])
+def test_unsupported_config_is_refused_by_name(field, value, words):
+    hf = {**dict(architectures=["LlamaForCausalLM"], vocab_size=8, hidden_size=8, intermediate_size=8,
+                 num_hidden_layers=1, num_attention_heads=2), field: value}
+    with pytest.raises(m.ModelError, match=words.replace("(", r"\(")):
+        m.Config.from_hf(hf)
+
+
+# Bad model folders: the demo prints one line and exits non-zero, no traceback.
+
+def run_demo(folder: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "--model", folder, "--prompt", "hi"],
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, words: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.stderr
+
+
+def test_demo_answers_on_a_tiny_model(tiny_llama):
+    path, _ = tiny_llama
+    result = run_demo(path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_missing_folder_is_one_line(tmp_path):
+    assert_one_line_error(run_demo(str(tmp_path / "nope")), "model folder not found")
+
+
+@pytest.mark.parametrize("remove, words", [
+    ("config.json", "missing config.json"),
+    ("model.safetensors", "missing model.safetensors"),
+    ("tokenizer.json", "missing tokenizer.json"),
+])
+def test_folder_missing_a_file_is_one_line(tiny_llama, remove, words):
+    path, _ = tiny_llama
+    os.remove(os.path.join(path, remove))
+    assert_one_line_error(run_demo(path), words)
+
+
+def test_truncated_safetensors_is_one_line(tiny_llama):
+    path, _ = tiny_llama
+    weights = os.path.join(path, "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    assert_one_line_error(run_demo(path), "cannot read")
+
+
+def test_unsupported_architecture_is_one_line(tiny_llama):
+    path, _ = tiny_llama
+    config = os.path.join(path, "config.json")
+    with open(config) as f:
+        text = f.read().replace("LlamaForCausalLM", "GPT2LMHeadModel")
+    with open(config, "w") as f:
+        f.write(text)
+    assert_one_line_error(run_demo(path), "unsupported architecture 'GPT2LMHeadModel'")
