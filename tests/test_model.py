@@ -170,3 +170,21 @@ def test_unsupported_architecture_is_one_line(tiny_llama):
     with open(config, "w") as f:
         f.write(text)
     assert_one_line_error(run_demo(path), "unsupported architecture 'GPT2LMHeadModel'")
+
+
+def test_shared_prefix_generation_equals_full_prompts(tiny):
+    path, _ = tiny
+    ours, _, _ = m.load(path, device="cpu", dtype=torch.float32)
+    prefix = random_ids(9, ours.config.vocab_size, 5)
+    prompts = [random_ids(n, ours.config.vocab_size, 10 + n) for n in (2, 6, 4)]
+    shared = m.generate(ours, prompts, max_new_tokens=10, prefix=prefix)
+    alone = [m.generate(ours, [prefix + p], max_new_tokens=10)[0] for p in prompts]
+    assert shared == alone
+
+
+def test_return_hidden_gives_the_states_lm_head_reads(tiny_llama):
+    path, _ = tiny_llama
+    ours, _, _ = m.load(path)
+    ids = torch.tensor([random_ids(12, ours.config.vocab_size, 6)])
+    with torch.no_grad():
+        assert torch.allclose(ours.lm_head(ours(ids, return_hidden=True)), ours(ids), atol=1e-6)

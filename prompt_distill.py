@@ -1,0 +1,741 @@
+"""
+Knowledge injection via prompt distillation (Kujanpaa et al., arXiv 2412.14964), in plain PyTorch.
+
+    python prompt_distill.py --doc notes.txt --eval notes.qa.jsonl
+
+1. The model, with a passage of the document in its prompt, writes questions about it and answers them.
+2. A student (the same frozen model plus a LoRA adapter) that does NOT see the passage is trained to
+   match the teacher's (adapters off, passage in the prompt) full next-token distributions on the answer
+   tokens, with a temperature-scaled KL loss. One model in memory is both: lora_disabled() is the teacher.
+3. Afterwards the student answers closed-book about as well as the teacher does with the document (RAG).
+
+`--method sft` trains the baseline instead: cross-entropy on the same answers. A forgetting guard (on by
+default) mixes in general prompts on which the student matches the base model, so the adapter learns the
+document and nothing else.
+"""
+
+import argparse
+import functools
+import json
+import math
+import os
+import random
+import re
+import shutil
+import string
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+import lora
+import model as m
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+class InputError(Exception):
+    """Bad input from the user; the message is one line meant for a person."""
+
+
+# -----------------------------------------------------------------------------
+# Settings: defaults measured for SmolLM2-135M-Instruct on 2 CPU cores (see README)
+
+
+@dataclass
+class Settings:
+    method: str = "distill"  # or "sft": the baseline
+    questions_per_passage: int = 120  # the paper writes 30 per paragraph; a page holds several paragraphs
+    question_temperature: float = 1.0  # the paper's 1.5 makes a 135M model write gibberish
+    question_top_k: int = 50
+    answer_temperature: float = 0.0  # greedy: the small model's sampled answers are often wrong
+    max_answer_tokens: int = 48
+    generation_batch: int = 16  # rows generated together; the KV cache grows with it
+    passage_tokens: int = 1024  # the longest passage; a longer document is split into several
+    rank: int = 32
+    alpha: float = 32.0
+    targets: tuple = lora.DEFAULT_TARGETS
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    epochs: int = 3
+    batch_size: int = 8
+    warmup: float = 0.1  # share of the steps
+    temperature: float = 1.0  # of the distillation loss
+    guard: bool = True
+    guard_batch: int = 2  # general prompts mixed into every step
+    guard_weight: float = 1.0
+    holdout: float = 0.1  # share of generated questions kept out of training (used when no --eval)
+    seed: int = 0
+
+
+# -----------------------------------------------------------------------------
+# A person watching: one progress line per stage
+
+
+class Progress:
+    def __init__(self, stage: str, total: int, unit: str = ""):
+        self.stage, self.total, self.unit, self.done = stage, total, unit, 0
+        self.start = self.last = time.time()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, n: int = 1, **info) -> None:
+        self.done += n
+        now = time.time()
+        if now - self.last < (0.5 if self.tty else 10) and self.done < self.total:
+            return
+        self.last = now
+        elapsed = now - self.start
+        left = elapsed / self.done * (self.total - self.done) if self.done else 0
+        extra = "".join(f"  {k} {v:.4g}" if isinstance(v, float) else f"  {k} {v}" for k, v in info.items())
+        line = f"{self.stage:<10} {self.done}/{self.total}{self.unit}{extra}  {elapsed:.0f}s, {left:.0f}s left"
+        print(("\r" + line.ljust(100)) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr,
+              flush=True)
+
+    def close(self) -> float:
+        if self.tty:
+            print(file=sys.stderr)
+        return time.time() - self.start
+
+
+# -----------------------------------------------------------------------------
+# 1. The document, split into passages that fit the context window
+
+
+def read_document(path: str) -> str:
+    if not os.path.isfile(path):
+        raise InputError(f"document not found: {path}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if b"\x00" in raw:
+        raise InputError(f"{path} is not a text file (it holds NUL bytes)")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8 text (byte {e.start}); convert it first") from None
+    if not text.strip():
+        raise InputError(f"{path} is empty")
+    return text.replace("\r\n", "\n").strip()
+
+
+def split_passages(text: str, count_tokens, max_tokens: int) -> list[str]:
+    """Paragraphs packed into passages of at most max_tokens; a longer paragraph is split at sentences."""
+    pieces = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        paragraph = paragraph.strip()
+        if count_tokens(paragraph) <= max_tokens:
+            pieces.append(paragraph)
+            continue
+        for sentence in re.split(r"(?<=[.!?])\s+", paragraph):
+            words = sentence.split()
+            while count_tokens(" ".join(words)) > max_tokens:  # one giant sentence: cut it by words
+                cut = max(1, len(words) * max_tokens // count_tokens(" ".join(words)) - 1)
+                pieces.append(" ".join(words[:cut]))
+                words = words[cut:]
+            pieces.append(" ".join(words))
+    passages, current = [], ""
+    for piece in filter(None, pieces):
+        joined = f"{current}\n\n{piece}" if current else piece
+        if current and count_tokens(joined) > max_tokens:
+            passages.append(current)
+            joined = piece
+        current = joined
+    return passages + [current]
+
+
+# -----------------------------------------------------------------------------
+# 2. The prompts. The teacher sees [passage][instruction + question]; the passage part is shared by
+# every question about it, so it is computed once (a KV-cache prefix) instead of once per question.
+
+QUESTION_INSTRUCTION = (
+    'Here is one fact from the text above: "{fact}"\n'
+    "Write one question that asks about this fact. The question must name what it is about, so that "
+    "someone who has not read the text understands it. Write only the question.")
+ANSWER_INSTRUCTION = "Answer the question using the text above. Answer in one short sentence.\nQuestion: {q}"
+
+
+class Prompts:
+    def __init__(self, tokenizer, chat: m.Chat):
+        self.tokenizer, self.chat = tokenizer, chat
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def with_passage(self, passage: str, request: str) -> tuple[list[int], list[int]]:
+        """(prefix, suffix) ids: the chat-formatted passage, then the request. prefix + suffix is the prompt."""
+        text = self.chat.render([{"role": "user", "content": f"{passage}\n\n{request}"}])
+        cut = text.index(passage) + len(passage)  # split at the passage's end: a token boundary
+        return self.encode(text[:cut]), self.encode(text[cut:])
+
+    def closed_book(self, question: str) -> list[int]:
+        return self.encode(self.chat.render([{"role": "user", "content": question}]))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def generate_batched(net, prompts: list[list[int]], max_new: int, stop_ids, batch_size: int, progress=None,
+                     prefix=(), **sampling) -> list[list[int]]:
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        out += m.generate(net, prompts[i:i + batch_size], max_new, stop_ids, prefix=prefix, **sampling)
+        if progress:
+            progress.update(len(prompts[i:i + batch_size]))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 3. Questions, written by the model about each passage
+
+
+def parse_questions(text: str) -> list[str]:
+    """One question per line; numbering and bullets stripped; lines that are not questions dropped."""
+    questions = []
+    for line in text.splitlines():
+        line = re.sub(r"^\s*(?:\d+[.)]|[-*\u2022]|Q\d*[:.])\s*", "", line).strip()
+        if line.endswith("?") and 4 <= len(line.split()) <= 40 and not re.search(
+                r"\b(the|this) (text|passage|document|article|paragraph)\b", line, re.I):
+            questions.append(line)
+    return questions
+
+
+def normalize(text: str) -> str:
+    """Lowercase, no punctuation or articles, single spaces (as SQuAD's evaluation does)."""
+    text = "".join(c for c in text.lower() if c not in string.punctuation)
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def near_duplicate(a: set, b: set) -> bool:
+    return len(a & b) / max(1, len(a | b)) > 0.7
+
+
+def facts(passage: str) -> list[str]:
+    """The passage's sentences (or lines, for notes), the facts that questions are asked about."""
+    pieces = re.split(r"(?<=[.!?])\s+|\n+", passage)
+    return [p.strip() for p in pieces if len(p.split()) >= 4]
+
+
+def generate_questions(net, prompts: Prompts, passages, settings: Settings, generator) -> list[tuple[int, str]]:
+    """
+    (passage index, question) pairs, about questions_per_passage per passage, deduplicated. Each call
+    shows the model the whole passage and points it at one sentence: a small model asked for questions
+    about a whole text writes a few vague ones again and again; pointed at each fact in turn, it covers them all.
+    """
+    jobs = []  # (passage index, fact), each fact asked about several times at a high temperature
+    for index, passage in enumerate(passages):
+        sentences = facts(passage) or [passage]
+        per_fact = math.ceil(1.5 * settings.questions_per_passage / len(sentences))  # some are dropped
+        jobs += [(index, fact) for fact in sentences for _ in range(per_fact)]
+    progress = Progress("questions", len(jobs), " calls")
+    pairs = []
+    for index, passage in enumerate(passages):
+        prefix, _ = prompts.with_passage(passage, "")
+        suffixes = [prompts.with_passage(passage, QUESTION_INSTRUCTION.format(fact=fact))[1]
+                    for i, fact in jobs if i == index]
+        outputs = generate_batched(net, suffixes, 48, prompts.chat.stop_ids, settings.generation_batch, progress,
+                                   prefix, temperature=settings.question_temperature,
+                                   top_k=settings.question_top_k, generator=generator)
+        found, seen = [], []
+        for output in outputs:
+            for q in parse_questions(prompts.decode(output))[:1]:
+                words = set(normalize(q).split())
+                if not any(near_duplicate(words, s) for s in seen):
+                    seen.append(words)
+                    found.append(q)
+        random.Random(settings.seed).shuffle(found)
+        pairs += [(index, q) for q in found[: settings.questions_per_passage]]
+    progress.close()
+    return pairs
+
+
+# -----------------------------------------------------------------------------
+# 4. Answers, by the teacher: the passage in its prompt
+
+
+def answer_open_book(net, prompts: Prompts, passages, pairs, settings: Settings, generator, stage="answers"):
+    """The teacher's answer ids (ending with the end-of-turn token when it finished) for each pair."""
+    progress = Progress(stage, len(pairs), " questions")
+    answers = [None] * len(pairs)
+    for index, passage in enumerate(passages):
+        rows = [i for i, (p, _) in enumerate(pairs) if p == index]
+        prefix, _ = prompts.with_passage(passage, "")
+        suffixes = [prompts.with_passage(passage, ANSWER_INSTRUCTION.format(q=pairs[i][1]))[1] for i in rows]
+        outs = generate_batched(net, suffixes, settings.max_answer_tokens, prompts.chat.stop_ids, settings.generation_batch,
+                                progress, prefix, temperature=settings.answer_temperature, generator=generator)
+        for i, out in zip(rows, outs):
+            answers[i] = out
+    progress.close()
+    return answers
+
+
+# -----------------------------------------------------------------------------
+# 5. The loss
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float):
+    """
+    KL(teacher || student) between the temperature-softened distributions, averaged over tokens and
+    multiplied by T^2 (Hinton et al. 2015), so the gradient's size does not shrink as T grows:
+    d loss / d student_logits = T * (softmax(student / T) - softmax(teacher / T)) / tokens.
+    Logits are (tokens, vocab); computed in float32.
+    """
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+
+
+def pack(prompts: list[list[int]], answers: list[list[int]], prefix_len: int = 0):
+    """
+    Right-padded rows of prompt + answer: ids (B, T), attention mask (B, prefix_len + T), and `select`
+    (B, T), true at the positions whose next token is an answer token (position t predicts token t + 1).
+    """
+    B, T = len(prompts), max(len(p) + len(a) for p, a in zip(prompts, answers))
+    ids = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, prefix_len + T, dtype=torch.long)
+    mask[:, :prefix_len] = 1
+    select = torch.zeros(B, T, dtype=torch.bool)
+    for row, (p, a) in enumerate(zip(prompts, answers)):
+        ids[row, : len(p) + len(a)] = torch.tensor(p + a)
+        mask[row, prefix_len: prefix_len + len(p) + len(a)] = 1
+        select[row, len(p) - 1: len(p) + len(a) - 1] = True
+    return ids, mask, select
+
+
+def answer_logits(net, prompts: list[list[int]], answers: list[list[int]], prefix: m.KVCache | None = None):
+    """
+    The logits that predict each answer token from its prompt (and the answer tokens before it):
+    (total answer tokens, vocab), rows in order of example, then token. With `prefix` (a one-row cache,
+    from m.prefill), every prompt is preceded by the tokens it holds.
+    """
+    device = net.lm_head.weight.device
+    P = prefix.length if prefix is not None else 0
+    ids, mask, select = (t.to(device) for t in pack(prompts, answers, P))
+    cache = prefix.expand(len(prompts), P + ids.shape[1]) if prefix is not None else None
+    hidden = net(ids, mask, cache, return_hidden=True)
+    return net.lm_head(hidden[select])  # only the answer positions go through the (large) lm_head
+
+
+# -----------------------------------------------------------------------------
+# 6. Training
+
+
+@dataclass
+class Example:
+    prefix: list[int]  # the teacher's shared prefix (the passage); empty for a guard example
+    teacher: list[int]  # the rest of the teacher's prompt
+    student: list[int]  # the student's prompt: the question alone
+    answer: list[int]  # the teacher's answer, the tokens both are scored on
+
+
+def make_batches(examples: list[Example], batch_size: int, rng: random.Random) -> list[list[Example]]:
+    """Shuffled batches, each from one passage, so the teacher computes that passage once per batch."""
+    groups = {}
+    for e in examples:
+        groups.setdefault(tuple(e.prefix), []).append(e)
+    batches = []
+    for group in groups.values():
+        rng.shuffle(group)
+        batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def batch_loss(net, batch: list[Example], settings: Settings, teacher_prefix) -> torch.Tensor:
+    student = answer_logits(net, [e.student for e in batch], [e.answer for e in batch])
+    if settings.method == "sft":
+        targets = torch.tensor([t for e in batch for t in e.answer], device=student.device)
+        return F.cross_entropy(student.float(), targets)
+    with torch.no_grad(), lora.lora_disabled(net):
+        teacher = answer_logits(net, [e.teacher for e in batch], [e.answer for e in batch],
+                                teacher_prefix(tuple(batch[0].prefix)))
+    return distillation_loss(student, teacher, settings.temperature)
+
+
+def guard_loss(net, batch: list[Example], settings: Settings) -> torch.Tensor:
+    """The student matches the base model (adapters off, same prompt) on general prompts: whatever the
+    document does not touch should stay as it was. Zero for a fresh adapter."""
+    student = answer_logits(net, [e.student for e in batch], [e.answer for e in batch])
+    with torch.no_grad(), lora.lora_disabled(net):
+        base = answer_logits(net, [e.student for e in batch], [e.answer for e in batch])
+    return distillation_loss(student, base, settings.temperature)
+
+
+def train(net, examples: list[Example], guard: list[Example], settings: Settings) -> list[float]:
+    rng = random.Random(settings.seed)
+    epochs = [make_batches(examples, settings.batch_size, rng) for _ in range(settings.epochs)]
+    steps = sum(len(e) for e in epochs)
+    optimizer = torch.optim.AdamW(lora.lora_parameters(net), lr=settings.lr, weight_decay=settings.weight_decay)
+    warmup = max(1, int(settings.warmup * steps))
+
+    def lr_factor(step):  # linear warm-up, then cosine decay to zero
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+    @functools.lru_cache(maxsize=4)  # batches come from one passage each: its prefix is computed once
+    def teacher_prefix(prefix: tuple) -> m.KVCache:
+        with lora.lora_disabled(net):
+            return m.prefill(net, list(prefix))
+
+    progress = Progress("training", steps, " steps")
+    losses, step = [], 0
+    net.train()
+    for batches in epochs:
+        for batch in batches:
+            loss = batch_loss(net, batch, settings, teacher_prefix)
+            total = loss
+            if guard:
+                total = total + settings.guard_weight * guard_loss(net, rng.sample(guard, settings.guard_batch),
+                                                                   settings)
+            if not torch.isfinite(total):
+                raise InputError(f"loss became {total.item()} at step {step + 1}; try a lower --lr "
+                                 "(no adapter was written)")
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(lora.lora_parameters(net), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step += 1
+            progress.update(loss=sum(losses[-10:]) / len(losses[-10:]), lr=schedule.get_last_lr()[0])
+    progress.close()
+    net.eval()
+    return losses
+
+
+# -----------------------------------------------------------------------------
+# 7. Evaluation: closed book (base), open book (base, passage in the prompt), and the adapter
+
+
+def read_eval_file(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise InputError(f"eval file not found: {path}")
+    items = []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                assert isinstance(item["question"], str) and item["question"].strip()
+                assert isinstance(item["answers"], list) and item["answers"]
+                assert all(isinstance(a, str) and a.strip() for a in item["answers"])
+            except (ValueError, KeyError, TypeError, AssertionError):
+                raise InputError(f'{path}, line {number}: expected {{"question": "...", "answers": ["...", ...]}}'
+                                 ) from None
+            items.append({"question": item["question"], "answers": item["answers"]})
+    if not items:
+        raise InputError(f"{path} holds no questions")
+    return items
+
+
+def is_correct(answer: str, golds: list[str]) -> bool:
+    answer = normalize(answer)
+    return any(normalize(g) and normalize(g) in answer for g in golds)
+
+
+def token_f1(answer: str, gold: str) -> float:
+    a, g = normalize(answer).split(), normalize(gold).split()
+    common = sum(min(a.count(w), g.count(w)) for w in set(a) & set(g))
+    return 0.0 if common == 0 else 2 * common / (len(a) + len(g))
+
+
+def best_passage(passages: list[str], question: str) -> int:
+    """For open book with a long document: the passage that shares the most words with the question."""
+    words = set(normalize(question).split())
+    return max(range(len(passages)), key=lambda i: len(words & set(normalize(passages[i]).split())))
+
+
+def ask_closed_book(net, prompts: Prompts, questions: list[str], settings: Settings, stage: str) -> list[str]:
+    progress = Progress(stage, len(questions), " questions")
+    outs = generate_batched(net, [prompts.closed_book(q) for q in questions], settings.max_answer_tokens,
+                            prompts.chat.stop_ids, settings.generation_batch, progress)
+    progress.close()
+    return [prompts.decode(o) for o in outs]
+
+
+def ask_open_book(net, prompts: Prompts, passages, questions: list[str], settings: Settings) -> list[str]:
+    pairs = [(best_passage(passages, q), q) for q in questions]
+    greedy = Settings(**{**asdict(settings), "answer_temperature": 0.0})
+    outs = answer_open_book(net, prompts, passages, pairs, greedy, None, stage="open book")
+    return [prompts.decode(o) for o in outs]
+
+
+# -----------------------------------------------------------------------------
+# 8. Forgetting: does the adapter change the model away from the document?
+
+STOPWORDS = set("the a an and or of in on at to for by with from as is was were be been are it its this that "
+                "these those he she they his her their there here when where what which who whom how why "
+                "not no yes but if then than so also each every all any some one".split())
+
+
+def distinctive_terms(document: str) -> set[str]:
+    """Names and numbers of the document: capitalised words never written in lower case there, and numbers."""
+    words = re.findall(r"[A-Za-z][A-Za-z'\-]+", document)
+    lower = {w for w in words if w[0].islower()}
+    names = {w for w in words if w[0].isupper() and w.lower() not in lower and w.lower() not in STOPWORDS
+             and len(w) > 2}
+    numbers = set(re.findall(r"\b\d[\d,.]*\d\b|\b\d\b", document)) - {str(i) for i in range(10)}
+    return names | numbers
+
+
+def leaks(answer: str, question: str, terms: set[str]) -> list[str]:
+    """The document's names and numbers in an answer, leaving out those that the question itself names."""
+    found = {t for t in terms if re.search(rf"(?<![\w]){re.escape(t)}(?![\w])", answer)}
+    return sorted(t for t in found if t not in question)
+
+
+@torch.no_grad()
+def drift(net, prompts_and_answers: list[tuple[list[int], list[int]]]) -> float:
+    """Mean KL(base || adapted) of the next-token distributions along the base model's own answers."""
+    kls = []
+    for i in range(0, len(prompts_and_answers), 8):
+        chunk = prompts_and_answers[i:i + 8]
+        adapted = answer_logits(net, [p for p, _ in chunk], [a for _, a in chunk])
+        with lora.lora_disabled(net):
+            base = answer_logits(net, [p for p, _ in chunk], [a for _, a in chunk])
+        kls.append(distillation_loss(adapted, base, 1.0).item() * len(adapted))
+    return sum(kls) / sum(len(a) for _, a in prompts_and_answers)
+
+
+# -----------------------------------------------------------------------------
+# Outputs, written atomically: everything goes to a temporary folder renamed into place at the end
+
+
+def write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def finish_output(tmp: str, out: str) -> None:
+    if os.path.exists(out):  # --force: the old run goes only once the new one is complete
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for k, row in enumerate(rows):
+        print("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def load_general(settings: Settings):
+    """General-knowledge questions (retention, leakage) and general prompts (guard training, drift)."""
+    general_qa = read_eval_file(os.path.join(DATA, "general_qa.jsonl"))
+    with open(os.path.join(DATA, "general_prompts.txt"), encoding="utf-8") as f:
+        general = [line.strip() for line in f if line.strip()]
+    random.Random(settings.seed).shuffle(general)
+    held_out = max(8, len(general) // 5)  # drift is measured on prompts the guard never trained on
+    return general_qa, general[held_out:], general[:held_out]
+
+
+def forgetting_report(net, prompts: Prompts, document: str, general_qa, drift_prompts, base_answers,
+                      settings: Settings) -> dict:
+    terms = distinctive_terms(document)
+    questions = [x["question"] for x in general_qa]
+    after = ask_closed_book(net, prompts, questions, settings, "retention")
+    report = {"retention_base": 0.0, "retention_adapted": 0.0, "leakage_base": 0.0, "leakage_adapted": 0.0}
+    for x, before, now in zip(general_qa, base_answers["general_qa"], after):
+        report["retention_base"] += is_correct(before, x["answers"]) / len(general_qa)
+        report["retention_adapted"] += is_correct(now, x["answers"]) / len(general_qa)
+        report["leakage_base"] += bool(leaks(before, x["question"], terms)) / len(general_qa)
+        report["leakage_adapted"] += bool(leaks(now, x["question"], terms)) / len(general_qa)
+    report["drift"] = drift(net, [(prompts.closed_book(p), a) for p, a in zip(drift_prompts, base_answers["drift"])])
+    report["general_answers"] = [
+        {"question": x["question"], "answers": x["answers"], "base": b, "adapted": a,
+         "leaked": leaks(a, x["question"], terms)} for x, b, a in zip(general_qa, base_answers["general_qa"], after)]
+    return report
+
+
+# -----------------------------------------------------------------------------
+# The pipeline
+
+
+def run(args, settings: Settings) -> int:
+    document = read_document(args.doc)
+    eval_items = read_eval_file(args.eval) if args.eval else None
+    out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.doc))[0])
+    if os.path.exists(os.path.join(out, "adapter_config.json")) and not args.force:
+        raise InputError(f"{out} already holds an adapter; use --force to replace it or --out for another folder")
+    general_qa, guard_prompts, drift_prompts = load_general(settings)
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    times = {}
+
+    net, tokenizer, chat = m.load(args.model, device=args.device)
+    prompts = Prompts(tokenizer, chat)
+    context = net.config.max_position_embeddings
+    budget = min(settings.passage_tokens, context - min(512, context // 2))  # leave room for a question and answer
+    passages = split_passages(document, lambda s: len(prompts.encode(s)), budget)
+    print(f"document: {len(document.split())} words in {len(passages)} passage(s); "
+          f"model: {args.model or m.DEFAULT_NAME}, {sum(p.numel() for p in net.parameters()) / 1e6:.0f}M parameters",
+          file=sys.stderr)
+
+    # Questions and answers, by the model with the passage in its prompt
+    start = time.time()
+    pairs = generate_questions(net, prompts, passages, settings, generator)
+    times["questions"] = time.time() - start
+    start = time.time()
+    answers = answer_open_book(net, prompts, passages, pairs, settings, generator)
+    times["answers"] = time.time() - start
+    qa = [(p, q, a) for (p, q), a in zip(pairs, answers) if prompts.decode(a)]
+    if len(qa) < 4:
+        raise InputError(f"the model wrote only {len(qa)} usable questions about {args.doc}; is it prose?")
+    random.Random(settings.seed).shuffle(qa)
+    held_out = [] if eval_items else qa[: max(3, int(settings.holdout * len(qa)))]
+    train_qa = qa[len(held_out):]
+    examples = []
+    for p, q, a in train_qa:
+        prefix, suffix = prompts.with_passage(passages[p], ANSWER_INSTRUCTION.format(q=q))
+        examples.append(Example(prefix, suffix, prompts.closed_book(q), a))
+
+    # What the base model says before training: general questions, the guard's and drift's prompts
+    start = time.time()
+    base = {"general_qa": ask_closed_book(net, prompts, [x["question"] for x in general_qa], settings, "general")}
+    guard_ids = [prompts.closed_book(p) for p in guard_prompts] if settings.guard else []
+    drift_ids = [prompts.closed_book(p) for p in drift_prompts]
+    progress = Progress("base", len(guard_ids) + len(drift_ids), " prompts")
+    base_out = generate_batched(net, guard_ids + drift_ids, settings.max_answer_tokens, chat.stop_ids,
+                                settings.generation_batch, progress)
+    progress.close()
+    guard = [Example([], p, p, a) for p, a in zip(guard_ids, base_out)]
+    base["drift"] = base_out[len(guard_ids):]
+    times["base answers"] = time.time() - start
+
+    # Training
+    lora.inject_lora(net, settings.rank, settings.alpha, targets=settings.targets)
+    start = time.time()
+    losses = train(net, examples, guard, settings)
+    times["training"] = time.time() - start
+
+    # Evaluation
+    start = time.time()
+    if eval_items:
+        questions, golds = [x["question"] for x in eval_items], [x["answers"] for x in eval_items]
+    else:
+        questions, golds = [q for _, q, _ in held_out], [[prompts.decode(a)] for _, _, a in held_out]
+    adapted = ask_closed_book(net, prompts, questions, settings, "adapted")
+    with lora.lora_disabled(net):
+        closed = ask_closed_book(net, prompts, questions, settings, "closed")
+        opened = ask_open_book(net, prompts, passages, questions, settings)
+    forgetting = forgetting_report(net, prompts, document, general_qa, drift_prompts, base, settings)
+    times["evaluation"] = time.time() - start
+
+    name = settings.method if settings.method == "sft" else "distilled"
+    if eval_items:
+        score = lambda answers: sum(map(is_correct, answers, golds)) / len(golds)
+    else:  # no gold answers: agreement (token F1) with the teacher's open-book answer
+        score = lambda answers: sum(token_f1(a, g[0]) for a, g in zip(answers, golds)) / len(golds)
+    accuracy = {"closed_book": score(closed), "open_book": score(opened), name: score(adapted)}
+
+    tmp = f"{out}.partial-{os.getpid()}"
+    os.makedirs(tmp)
+    try:
+        lora.save_adapter(net, tmp, args.model or m.DEFAULT_NAME)
+        with open(os.path.join(tmp, "qa.jsonl"), "w", encoding="utf-8") as f:
+            for p, q, a in qa:
+                f.write(json.dumps({"passage": p, "question": q, "answer": prompts.decode(a),
+                                    "held_out": (p, q, a) in held_out}, ensure_ascii=False) + "\n")
+        write_json(os.path.join(tmp, "report.json"), {
+            "doc": os.path.abspath(args.doc), "model": args.model or m.DEFAULT_NAME, "settings": asdict(settings),
+            "passages": len(passages), "qa_pairs": len(qa), "train_examples": len(examples),
+            "metric": "accuracy (gold answer contained)" if eval_items else "token F1 against the open-book answer",
+            "accuracy": accuracy, "forgetting": {k: v for k, v in forgetting.items() if k != "general_answers"},
+            "seconds": times, "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:]),
+            "eval": [{"question": q, "answers": g, "closed_book": c, "open_book": o, name: a}
+                     for q, g, c, o, a in zip(questions, golds, closed, opened, adapted)],
+            "general_answers": forgetting["general_answers"],
+        })
+        finish_output(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    metric = "accuracy" if eval_items else "F1 vs open book"
+    print(f"\n{len(questions)} questions ({metric}), {len(examples)} training pairs, seed {settings.seed}")
+    print_table([("condition", metric), ("closed book (base)", f"{accuracy['closed_book']:.2f}"),
+                 ("open book (base + document)", f"{accuracy['open_book']:.2f}"),
+                 (f"closed book ({name})", f"{accuracy[name]:.2f}")])
+    print()
+    print_table([("forgetting", "base", "adapted"),
+                 ("retention (general questions)", f"{forgetting['retention_base']:.2f}",
+                  f"{forgetting['retention_adapted']:.2f}"),
+                 ("leakage (document names in answers)", f"{forgetting['leakage_base']:.2f}",
+                  f"{forgetting['leakage_adapted']:.2f}"),
+                 ("drift (KL on general prompts)", "0", f"{forgetting['drift']:.4f}")])
+    print()
+    print_table([("stage", "seconds")] + [(k, f"{v:.0f}") for k, v in times.items()])
+    print(f"\nadapter, qa.jsonl and report.json in {out}")
+    return 0
+
+
+def evaluate_adapter(args, settings: Settings) -> int:
+    """--adapter DIR: answer --ask, or evaluate --eval with the adapter (no training)."""
+    net, tokenizer, chat = m.load(args.model, device=args.device)
+    prompts = Prompts(tokenizer, chat)
+    if not os.path.exists(os.path.join(args.adapter, "adapter_config.json")):
+        raise InputError(f"no adapter in {args.adapter} (adapter_config.json missing)")
+    lora.load_adapter(net, args.adapter)
+    if args.ask:
+        print(ask_closed_book(net, prompts, [args.ask], settings, "answer")[0])
+        return 0
+    items = read_eval_file(args.eval)
+    questions, golds = [x["question"] for x in items], [x["answers"] for x in items]
+    adapted = ask_closed_book(net, prompts, questions, settings, "adapted")
+    with lora.lora_disabled(net):
+        closed = ask_closed_book(net, prompts, questions, settings, "closed")
+    rows = [("condition", "accuracy"), ("closed book (base)", f"{sum(map(is_correct, closed, golds)) / len(golds):.2f}")]
+    if args.doc:
+        passages = split_passages(read_document(args.doc), lambda s: len(prompts.encode(s)), settings.passage_tokens)
+        with lora.lora_disabled(net):
+            opened = ask_open_book(net, prompts, passages, questions, settings)
+        rows.append(("open book (base + document)", f"{sum(map(is_correct, opened, golds)) / len(golds):.2f}"))
+    rows.append(("closed book (adapter)", f"{sum(map(is_correct, adapted, golds)) / len(golds):.2f}"))
+    print_table(rows)
+    return 0
+
+
+def main() -> int:
+    defaults = Settings()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--doc", help="the document to inject (UTF-8 text)")
+    parser.add_argument("--eval", help="JSONL of {question, answers} to evaluate on")
+    parser.add_argument("--out", help="output folder (default: runs/<document name>)")
+    parser.add_argument("--force", action="store_true", help="replace an adapter already in --out")
+    parser.add_argument("--model", help="Hugging Face-style model folder (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
+    parser.add_argument("--adapter", help="use this trained adapter instead of training (with --eval or --ask)")
+    parser.add_argument("--ask", help="with --adapter: answer this question")
+    parser.add_argument("--method", choices=["distill", "sft"], default=defaults.method)
+    parser.add_argument("--no-guard", dest="guard", action="store_false", help="train without the forgetting guard")
+    for name in ("questions_per_passage", "rank", "alpha", "lr", "epochs", "batch_size", "temperature",
+                 "guard_weight", "guard_batch", "question_temperature", "passage_tokens", "seed"):
+        parser.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)),
+                            default=getattr(defaults, name))
+    args = parser.parse_args()
+    settings = Settings(**{k: getattr(args, k) for k in asdict(defaults) if hasattr(args, k)})
+    try:
+        if args.adapter:
+            if not (args.ask or args.eval):
+                raise InputError("--adapter needs --eval QA.jsonl or --ask QUESTION")
+            return evaluate_adapter(args, settings)
+        if not args.doc:
+            raise InputError("--doc is required (the document to inject)")
+        return run(args, settings)
+    except (InputError, m.ModelError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nerror: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

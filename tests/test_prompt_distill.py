@@ -1,0 +1,256 @@
+"""The pipeline's pieces: the loss, token alignment, parsing, the forgetting measures, bad input."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lora
+import model as m
+import prompt_distill as pd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC = os.path.join(ROOT, "data", "lake_town.txt")
+QA = os.path.join(ROOT, "data", "lake_town.qa.jsonl")
+
+
+# The loss
+
+def test_distillation_loss_is_zero_when_distributions_match():
+    logits = torch.randn(5, 11)
+    for temperature in (0.5, 1.0, 2.0):
+        assert pd.distillation_loss(logits, logits.clone(), temperature).abs().item() < 1e-6
+
+
+def test_distillation_loss_matches_a_hand_computation():
+    teacher, student = [0.7, 0.2, 0.1], [0.5, 0.3, 0.2]
+    by_hand = sum(t * math.log(t / s) for t, s in zip(teacher, student))  # KL(teacher || student)
+    loss = pd.distillation_loss(torch.tensor([student]).log(), torch.tensor([teacher]).log(), 1.0)
+    assert loss.item() == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_temperature_softens_both_distributions_and_scales_by_its_square():
+    teacher, student = torch.randn(4, 9), torch.randn(4, 9)
+    T = 2.0
+    p, q = F.softmax(teacher / T, -1), F.softmax(student / T, -1)
+    expected = (p * (p.log() - q.log())).sum(-1).mean() * T**2
+    assert pd.distillation_loss(student, teacher, T).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0, 4.0])
+def test_gradient_points_the_student_towards_the_teacher(T):
+    teacher = torch.randn(3, 7)
+    student = torch.randn(3, 7, requires_grad=True)
+    pd.distillation_loss(student, teacher, T).backward()
+    expected = T * (F.softmax(student.detach() / T, -1) - F.softmax(teacher / T, -1)) / 3
+    assert torch.allclose(student.grad, expected, atol=1e-6)
+    stepped = student.detach() - 0.1 * student.grad  # a small step down the gradient brings them closer
+    assert pd.distillation_loss(stepped, teacher, T) < pd.distillation_loss(student.detach(), teacher, T)
+
+
+# Token alignment between teacher and student
+
+def test_teacher_and_student_are_scored_on_exactly_the_answer_tokens(tiny_llama):
+    path, _ = tiny_llama
+    _, tokenizer, chat = m.load(path)
+    prompts = pd.Prompts(tokenizer, chat)
+    passage, question = "the town of lake was founded in 1 by the mayor", "who was the mayor ?"
+    answer = prompts.encode("the mayor was a") + [chat.stop_ids[0]]
+    prefix, suffix = prompts.with_passage(passage, pd.ANSWER_INSTRUCTION.format(q=question))
+    student = prompts.closed_book(question)
+    assert prompts.encode(passage) == prefix[-len(prompts.encode(passage)):]  # the teacher sees the passage
+    assert not set(prompts.encode("founded 1")) & set(student)  # the student does not
+
+    for prefix_len, prompt in ((len(prefix), suffix), (0, student)):
+        ids, mask, select = pd.pack([prompt, prompt[:3]], [answer, answer[:2]], prefix_len)
+        predicted = ids.roll(-1, dims=1)[select]  # the token each selected position predicts
+        assert predicted.tolist() == answer + answer[:2]
+        assert mask.sum().item() == 2 * prefix_len + len(prompt) + len(answer) + 3 + 2
+
+
+def test_prefix_and_suffix_make_the_whole_prompt(default_model):
+    _, tokenizer, chat = default_model
+    prompts = pd.Prompts(tokenizer, chat)
+    passage = "Velmora was founded in 1847.\nIts mayor is Harriet Quell."
+    prefix, suffix = prompts.with_passage(passage, pd.ANSWER_INSTRUCTION.format(q="Who is the mayor of Velmora?"))
+    whole = chat.render([{"role": "user", "content": passage + "\n\n" +
+                          pd.ANSWER_INSTRUCTION.format(q="Who is the mayor of Velmora?")}])
+    assert prefix + suffix == prompts.encode(whole)  # the split falls on a token boundary
+
+
+def test_answer_logits_with_a_shared_prefix_equal_the_full_forward(tiny_llama):
+    path, _ = tiny_llama
+    net, _, _ = m.load(path)
+    prefix, prompts, answers = [5, 6, 7, 8], [[9, 10], [11, 12, 13]], [[14, 15, 2], [16, 2]]
+    shared = pd.answer_logits(net, prompts, answers, m.prefill(net, prefix))
+    full = pd.answer_logits(net, [prefix + p for p in prompts], answers)
+    assert torch.allclose(shared, full, atol=1e-5)
+
+
+# Questions and documents
+
+def test_parse_questions_strips_numbering_and_drops_non_questions():
+    text = ("1. Who founded the town of Velmora?\n2) In what year was the Velmora bridge built?\n"
+            "Here are some questions:\n- What does the text say about the mayor?\nWhy?\n"
+            "* How many people live in Velmora?")
+    assert pd.parse_questions(text) == ["Who founded the town of Velmora?", "In what year was the Velmora bridge built?",
+                                        "How many people live in Velmora?"]
+
+
+def test_near_duplicates_are_recognised():
+    a = set(pd.normalize("Who founded the town of Velmora?").split())
+    b = set(pd.normalize("Who founded the town of Velmora").split())
+    c = set(pd.normalize("When was the Velmora bridge built?").split())
+    assert pd.near_duplicate(a, b) and not pd.near_duplicate(a, c)
+
+
+def test_long_document_is_split_into_passages_that_fit():
+    paragraph = " ".join(f"Sentence {i} says the mill turned {i} times." for i in range(40))
+    text = "\n\n".join([paragraph] * 30)  # about 50 pages' worth of words would take long; this is 12k words
+    count = lambda s: len(s.split())
+    passages = pd.split_passages(text, count, 200)
+    assert all(count(p) <= 200 for p in passages)
+    assert " ".join(" ".join(passages).split()) == " ".join(text.split())  # nothing lost, nothing repeated
+
+
+def test_one_huge_sentence_is_cut_by_words():
+    text = " ".join(["word"] * 1000)
+    passages = pd.split_passages(text, lambda s: len(s.split()), 64)
+    assert all(len(p.split()) <= 64 for p in passages) and sum(len(p.split()) for p in passages) == 1000
+
+
+def test_is_correct_needs_the_normalised_gold_inside_the_answer():
+    assert pd.is_correct("The mayor is Harriet Quell.", ["harriet quell"])
+    assert not pd.is_correct("The mayor is Harriet.", ["Harriet Quell"])
+    assert pd.is_correct("It was founded in 1,847? No: 1847.", ["1847"])
+
+
+# The forgetting measures
+
+def test_leakage_finds_a_planted_name_and_ignores_names_in_the_question():
+    document = "The town of Velmora was founded in 1847 by Harriet Quell. The river is called the Ousk."
+    terms = pd.distinctive_terms(document)
+    assert {"Velmora", "Quell", "1847", "Ousk"} <= terms and "The" not in terms
+    assert pd.leaks("Romeo and Juliet was written by Harriet Quell.", "Who wrote Romeo and Juliet?", terms) \
+        == ["Harriet", "Quell"]
+    assert pd.leaks("Velmora is a town.", "Where is Velmora?", terms) == []
+    assert pd.leaks("William Shakespeare wrote it in 1597.", "Who wrote Romeo and Juliet?", terms) == []
+
+
+def test_guard_targets_come_from_the_base_model_so_a_fresh_adapter_has_zero_guard_loss(tiny_llama):
+    path, _ = tiny_llama
+    net, _, _ = m.load(path)
+    lora.inject_lora(net, r=4, alpha=4)
+    guard = [pd.Example([], [3, 4, 5], [3, 4, 5], [6, 7, 2]), pd.Example([], [8, 9], [8, 9], [10, 2])]
+    assert pd.guard_loss(net, guard, pd.Settings()).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for p in lora.lora_parameters(net):
+            p.normal_(0, 0.2)
+    assert pd.guard_loss(net, guard, pd.Settings()).item() > 1e-4  # a changed adapter is pulled back
+
+
+# Bad input: one line, non-zero exit, nothing written
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(ROOT, "prompt_distill.py"), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(result, words: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and words in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("content, words", [
+    (None, "document not found"),
+    (b"", "is empty"),
+    (b"  \n\n \t\n", "is empty"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not a text file"),
+    ("Caf\u00e9 au lait".encode("latin-1"), "not UTF-8"),
+])
+def test_bad_document_is_one_line(tmp_path, content, words):
+    doc = tmp_path / "doc.txt"
+    if content is not None:
+        doc.write_bytes(content)
+    out = tmp_path / "out"
+    assert_one_line_error(run_cli("--doc", str(doc), "--out", str(out), "--model", str(tmp_path)), words)
+    assert not out.exists()
+
+
+def test_malformed_eval_line_is_named(tmp_path):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"question": "Who?", "answers": ["X"]}\n\n{"question": "What?"}\n')
+    assert_one_line_error(run_cli("--doc", DOC, "--eval", str(qa), "--out", str(tmp_path / "o")), "line 3")
+
+
+def test_existing_adapter_is_not_overwritten(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("{}")
+    assert_one_line_error(run_cli("--doc", DOC, "--out", str(out)), "already holds an adapter")
+    assert (out / "adapter_config.json").read_text() == "{}"
+
+
+# End to end on a tiny random model. It cannot write questions, so the gold questions stand in.
+
+@pytest.fixture
+def tiny_run(tiny_llama, tmp_path, monkeypatch):
+    path, _ = tiny_llama
+    questions = [json.loads(line)["question"] for line in open(QA)]
+    monkeypatch.setattr(pd, "generate_questions",
+                        lambda net, prompts, passages, settings, gen: [(i % len(passages), q)
+                                                                       for i, q in enumerate(questions)])
+    out = tmp_path / "run"
+
+    def run(*extra):
+        monkeypatch.setattr(sys, "argv", ["prompt_distill.py", "--doc", DOC, "--model", path, "--out", str(out),
+                                          "--epochs", "1", "--batch-size", "4", *extra])
+        return pd.main()
+    return run, out
+
+
+def test_end_to_end_on_a_tiny_model_writes_adapter_qa_and_report(tiny_run, tiny_llama):
+    run, out = tiny_run
+    assert run("--eval", QA) == 0
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "qa.jsonl", "report.json"]
+    report = json.load(open(out / "report.json"))
+    assert set(report["accuracy"]) == {"closed_book", "open_book", "distilled"}
+    assert {"retention_base", "retention_adapted", "leakage_base", "leakage_adapted", "drift"} <= set(report["forgetting"])
+    assert len(report["eval"]) == sum(1 for _ in open(QA))
+    assert {"question", "answers", "closed_book", "open_book", "distilled"} == set(report["eval"][0])
+    net, _, _ = m.load(tiny_llama[0])
+    lora.load_adapter(net, str(out))  # the saved adapter loads back
+    assert [p for p in os.listdir(out.parent) if "partial" in p] == []
+
+
+def test_sft_baseline_reports_under_its_own_name(tiny_run):
+    run, out = tiny_run
+    assert run("--method", "sft", "--no-guard") == 0
+    report = json.load(open(out / "report.json"))
+    assert "sft" in report["accuracy"] and report["settings"]["guard"] is False
+    assert "F1" in report["metric"]  # no --eval: scored on held-out generated questions
+
+
+def test_nan_loss_stops_and_keeps_no_adapter(tiny_run, monkeypatch, capsys):
+    run, out = tiny_run
+    monkeypatch.setattr(pd, "distillation_loss", lambda s, t, T: (s.sum() * float("nan")))
+    assert run("--no-guard") == 1
+    assert "loss became nan" in capsys.readouterr().err
+    assert not out.exists() and not [p for p in os.listdir(out.parent) if "partial" in p]
+
+
+def test_ctrl_c_during_training_keeps_nothing(tiny_run, monkeypatch, capsys):
+    run, out = tiny_run
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pd, "batch_loss", interrupted)
+    assert run() == 130
+    assert "interrupted" in capsys.readouterr().err and not out.exists()
