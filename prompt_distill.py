@@ -329,13 +329,17 @@ class Example:
 
 
 def make_batches(examples: list[Example], batch_size: int, rng: random.Random) -> list[list[Example]]:
-    """Shuffled batches, each from one passage, so the teacher computes that passage once per batch."""
+    """
+    Batches in random order, each from one passage (the teacher computes that passage once) and of
+    examples of about the same length (rows are padded to the longest; on a CPU padding costs time).
+    """
     groups = {}
     for e in examples:
         groups.setdefault(tuple(e.prefix), []).append(e)
     batches = []
     for group in groups.values():
-        rng.shuffle(group)
+        rng.shuffle(group)  # ties in length are broken at random, so batches differ between epochs
+        group.sort(key=lambda e: len(e.teacher) + len(e.answer))
         batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
     rng.shuffle(batches)
     return batches
@@ -505,6 +509,12 @@ def drift(net, prompts_and_answers: list[tuple[list[int], list[int]]]) -> float:
 # Outputs, written atomically: everything goes to a temporary folder renamed into place at the end
 
 
+def epoch_loss(losses: list[float], settings: Settings, epoch: int) -> float:
+    per_epoch = len(losses) // settings.epochs
+    chunk = losses[epoch * per_epoch:][:per_epoch] if epoch >= 0 else losses[-per_epoch:]
+    return sum(chunk) / len(chunk)
+
+
 def write_json(path: str, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
@@ -647,7 +657,7 @@ def run(args, settings: Settings) -> int:
             "passages": len(passages), "qa_pairs": len(qa), "train_examples": len(examples),
             "metric": "accuracy (gold answer contained)" if eval_items else "token F1 against the open-book answer",
             "accuracy": accuracy, "forgetting": {k: v for k, v in forgetting.items() if k != "general_answers"},
-            "seconds": times, "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:]),
+            "seconds": times, "loss_first_epoch": epoch_loss(losses, settings, 0), "loss_last_epoch": epoch_loss(losses, settings, -1),
             "eval": [{"question": q, "answers": g, "closed_book": c, "open_book": o, name: a}
                      for q, g, c, o, a in zip(questions, golds, closed, opened, adapted)],
             "general_answers": forgetting["general_answers"],
