@@ -144,6 +144,13 @@ def split_passages(text: str, count_tokens, max_tokens: int) -> list[str]:
     return passages + [current]
 
 
+def document_passages(document: str, prompts: "Prompts", net, settings: Settings) -> list[str]:
+    """The document's passages for this model: short enough to leave room for a question and answer."""
+    context = net.config.max_position_embeddings
+    budget = min(settings.passage_tokens, context - min(512, context // 2))
+    return split_passages(document, lambda s: len(prompts.encode(s)), budget)
+
+
 # -----------------------------------------------------------------------------
 # 2. The prompts. The teacher sees [passage][instruction + question]; the passage part is shared by
 # every question about it, so it is computed once (a KV-cache prefix) instead of once per question.
@@ -167,6 +174,10 @@ class Prompts:
         text = self.chat.render([{"role": "user", "content": f"{passage}\n\n{request}"}])
         cut = text.index(passage) + len(passage)  # split at the passage's end: a token boundary
         return self.encode(text[:cut]), self.encode(text[cut:])
+
+    def open_book(self, passage: str, question: str) -> tuple[list[int], list[int]]:
+        """The teacher's (prefix, suffix) for answering `question` with `passage` in its prompt."""
+        return self.with_passage(passage, ANSWER_INSTRUCTION.format(q=question))
 
     def closed_book(self, question: str) -> list[int]:
         return self.encode(self.chat.render([{"role": "user", "content": question}]))
@@ -260,7 +271,7 @@ def answer_open_book(net, prompts: Prompts, passages, pairs, settings: Settings,
     for index, passage in enumerate(passages):
         rows = [i for i, (p, _) in enumerate(pairs) if p == index]
         prefix, _ = prompts.with_passage(passage, "")
-        suffixes = [prompts.with_passage(passage, ANSWER_INSTRUCTION.format(q=pairs[i][1]))[1] for i in rows]
+        suffixes = [prompts.open_book(passage, pairs[i][1])[1] for i in rows]
         outs = generate_batched(net, suffixes, settings.max_answer_tokens, prompts.chat.stop_ids, settings.generation_batch,
                                 progress, prefix, temperature=settings.answer_temperature, generator=generator)
         for i, out in zip(rows, outs):
@@ -441,6 +452,10 @@ def is_correct(answer: str, golds: list[str]) -> bool:
     return any(normalize(g) and normalize(g) in answer for g in golds)
 
 
+def accuracy(answers: list[str], golds: list[list[str]]) -> float:
+    return sum(map(is_correct, answers, golds)) / len(golds)
+
+
 def token_f1(answer: str, gold: str) -> float:
     a, g = normalize(answer).split(), normalize(gold).split()
     common = sum(min(a.count(w), g.count(w)) for w in set(a) & set(g))
@@ -580,9 +595,7 @@ def run(args, settings: Settings) -> int:
 
     net, tokenizer, chat = m.load(args.model, device=args.device)
     prompts = Prompts(tokenizer, chat)
-    context = net.config.max_position_embeddings
-    budget = min(settings.passage_tokens, context - min(512, context // 2))  # leave room for a question and answer
-    passages = split_passages(document, lambda s: len(prompts.encode(s)), budget)
+    passages = document_passages(document, prompts, net, settings)
     print(f"document: {len(document.split())} words in {len(passages)} passage(s); "
           f"model: {args.model or m.DEFAULT_NAME}, {sum(p.numel() for p in net.parameters()) / 1e6:.0f}M parameters",
           file=sys.stderr)
@@ -602,7 +615,7 @@ def run(args, settings: Settings) -> int:
     train_qa = qa[len(held_out):]
     examples = []
     for p, q, a in train_qa:
-        prefix, suffix = prompts.with_passage(passages[p], ANSWER_INSTRUCTION.format(q=q))
+        prefix, suffix = prompts.open_book(passages[p], q)
         examples.append(Example(prefix, suffix, prompts.closed_book(q), a))
 
     # What the base model says before training: general questions, the guard's and drift's prompts
@@ -639,10 +652,10 @@ def run(args, settings: Settings) -> int:
 
     name = settings.method if settings.method == "sft" else "distilled"
     if eval_items:
-        score = lambda answers: sum(map(is_correct, answers, golds)) / len(golds)
+        score = lambda answers: accuracy(answers, golds)
     else:  # no gold answers: agreement (token F1) with the teacher's open-book answer
         score = lambda answers: sum(token_f1(a, g[0]) for a, g in zip(answers, golds)) / len(golds)
-    accuracy = {"closed_book": score(closed), "open_book": score(opened), name: score(adapted)}
+    accuracies = {"closed_book": score(closed), "open_book": score(opened), name: score(adapted)}
 
     tmp = f"{out}.partial-{os.getpid()}"
     os.makedirs(tmp)
@@ -656,7 +669,7 @@ def run(args, settings: Settings) -> int:
             "doc": os.path.abspath(args.doc), "model": args.model or m.DEFAULT_NAME, "settings": asdict(settings),
             "passages": len(passages), "qa_pairs": len(qa), "train_examples": len(examples),
             "metric": "accuracy (gold answer contained)" if eval_items else "token F1 against the open-book answer",
-            "accuracy": accuracy, "forgetting": {k: v for k, v in forgetting.items() if k != "general_answers"},
+            "accuracy": accuracies, "forgetting": {k: v for k, v in forgetting.items() if k != "general_answers"},
             "seconds": times, "loss_first_epoch": epoch_loss(losses, settings, 0), "loss_last_epoch": epoch_loss(losses, settings, -1),
             "eval": [{"question": q, "answers": g, "closed_book": c, "open_book": o, name: a}
                      for q, g, c, o, a in zip(questions, golds, closed, opened, adapted)],
@@ -669,9 +682,9 @@ def run(args, settings: Settings) -> int:
 
     metric = "accuracy" if eval_items else "F1 vs open book"
     print(f"\n{len(questions)} questions ({metric}), {len(examples)} training pairs, seed {settings.seed}")
-    print_table([("condition", metric), ("closed book (base)", f"{accuracy['closed_book']:.2f}"),
-                 ("open book (base + document)", f"{accuracy['open_book']:.2f}"),
-                 (f"closed book ({name})", f"{accuracy[name]:.2f}")])
+    print_table([("condition", metric), ("closed book (base)", f"{accuracies['closed_book']:.2f}"),
+                 ("open book (base + document)", f"{accuracies['open_book']:.2f}"),
+                 (f"closed book ({name})", f"{accuracies[name]:.2f}")])
     print()
     print_table([("forgetting", "base", "adapted"),
                  ("retention (general questions)", f"{forgetting['retention_base']:.2f}",
@@ -700,13 +713,13 @@ def evaluate_adapter(args, settings: Settings) -> int:
     adapted = ask_closed_book(net, prompts, questions, settings, "adapted")
     with lora.lora_disabled(net):
         closed = ask_closed_book(net, prompts, questions, settings, "closed")
-    rows = [("condition", "accuracy"), ("closed book (base)", f"{sum(map(is_correct, closed, golds)) / len(golds):.2f}")]
+    rows = [("condition", "accuracy"), ("closed book (base)", f"{accuracy(closed, golds):.2f}")]
     if args.doc:
-        passages = split_passages(read_document(args.doc), lambda s: len(prompts.encode(s)), settings.passage_tokens)
+        passages = document_passages(read_document(args.doc), prompts, net, settings)
         with lora.lora_disabled(net):
             opened = ask_open_book(net, prompts, passages, questions, settings)
-        rows.append(("open book (base + document)", f"{sum(map(is_correct, opened, golds)) / len(golds):.2f}"))
-    rows.append(("closed book (adapter)", f"{sum(map(is_correct, adapted, golds)) / len(golds):.2f}"))
+        rows.append(("open book (base + document)", f"{accuracy(opened, golds):.2f}"))
+    rows.append(("closed book (adapter)", f"{accuracy(adapted, golds):.2f}"))
     print_table(rows)
     return 0
 

@@ -61,7 +61,7 @@ def test_teacher_and_student_are_scored_on_exactly_the_answer_tokens(tiny_llama)
     prompts = pd.Prompts(tokenizer, chat)
     passage, question = "the town of lake was founded in 1 by the mayor", "who was the mayor ?"
     answer = prompts.encode("the mayor was a") + [chat.stop_ids[0]]
-    prefix, suffix = prompts.with_passage(passage, pd.ANSWER_INSTRUCTION.format(q=question))
+    prefix, suffix = prompts.open_book(passage, question)
     student = prompts.closed_book(question)
     assert prompts.encode(passage) == prefix[-len(prompts.encode(passage)):]  # the teacher sees the passage
     assert not set(prompts.encode("founded 1")) & set(student)  # the student does not
