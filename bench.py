@@ -3,6 +3,7 @@ Speed and memory of our model.py + lora.py against the reference (transformers +
 
     python bench.py                 # the default model, on the CPU (or GPU if present)
     python bench.py --model DIR
+    python bench.py --bf16-autocast  # both sides under torch.autocast(bfloat16), as prompt_distill.py runs
 
 Each measurement runs in a fresh process, so its peak memory is its own. Times are medians.
 Run it alone: anything else on the machine makes every number wrong.
@@ -110,7 +111,8 @@ def bench_train(impl, net, device, args) -> float:
 def worker(args) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     net = load(args.impl, args.model, device)
-    tokens_per_s = globals()[f"bench_{args.task}"](args.impl, net, device, args)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16_autocast, cache_enabled=False):
+        tokens_per_s = globals()[f"bench_{args.task}"](args.impl, net, device, args)
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: kilobytes
     print(json.dumps({"tokens_per_s": tokens_per_s, "peak_mb": peak_mb}))
@@ -125,6 +127,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--bf16-autocast", action="store_true", help="run both sides under bfloat16 autocast")
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     parser.add_argument("--task", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,7 +137,8 @@ def main() -> None:
     import model as m
     args.model = args.model or m.default_model_dir()
     device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"model {args.model}, device {device}, torch {torch.__version__}")
+    print(f"model {args.model}, device {device}, torch {torch.__version__}"
+          f"{', bf16 autocast' if args.bf16_autocast else ''}")
     print(f"{'task':<34} {'ours tok/s':>11} {'ref tok/s':>11} {'speed':>7} {'ours MB':>9} {'ref MB':>9}")
     labels = {"prefill": f"prefill {args.prompt_tokens} tokens",
               "decode": f"decode {args.new_tokens} tokens, KV cache",
@@ -145,6 +149,7 @@ def main() -> None:
             cmd = [sys.executable, os.path.abspath(__file__), "--impl", impl, "--task", task]
             for flag in ("model", "prompt_tokens", "new_tokens", "train_tokens", "batch", "repeats"):
                 cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+            cmd += ["--bf16-autocast"] if args.bf16_autocast else []
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 sys.exit(f"error: {impl} {task} failed: {out.stderr.strip().splitlines()[-1]}")

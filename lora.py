@@ -27,7 +27,10 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer  # the name PEFT uses, so state-dict paths line up
         self.r, self.alpha, self.dropout_p, self.scaling = r, alpha, dropout, alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        kw = dict(bias=False, device=base_layer.weight.device, dtype=base_layer.weight.dtype)
+        # The adapter trains in float32 even on a bf16/fp16 base (as PEFT does): Adam's small updates
+        # vanish in a 16-bit weight. Under autocast its matmuls still run in the low precision.
+        dtype = torch.promote_types(base_layer.weight.dtype, torch.float32)
+        kw = dict(bias=False, device=base_layer.weight.device, dtype=dtype)
         self.lora_A = nn.Linear(base_layer.in_features, r, **kw)
         self.lora_B = nn.Linear(r, base_layer.out_features, **kw)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's default, as loralib
@@ -39,7 +42,8 @@ class LoRALinear(nn.Module):
         if not self.enabled:
             return y
         # (.., in) -> (.., r) -> (.., out): never materialise the (out, in) delta while training
-        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        x = x.to(self.lora_A.weight.dtype)
+        return y + (self.lora_B(self.lora_A(self.dropout(x))) * self.scaling).to(y.dtype)
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:

@@ -310,16 +310,14 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    # Sample among the top k only: drawing over the whole vocabulary costs more than a decode step's matmuls.
+    logits, candidates = torch.topk(logits, min(top_k or logits.shape[-1], logits.shape[-1]))  # sorted
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        probs = logits.softmax(-1)
         # Drop a token once the tokens before it already hold top_p of the mass; keep at least one.
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+        logits = logits.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
+    choice = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+    return candidates.gather(-1, choice).squeeze(-1)
 
 
 @torch.no_grad()

@@ -63,10 +63,16 @@ def test_fresh_adapter_is_identity_on_llama(llama_dir):
     assert torch.equal(logits(model), before)
 
 
-def test_lora_weights_follow_the_base_weight_dtype():
+def test_adapter_trains_in_float32_on_a_bf16_base():
     layer = LoRALinear(nn.Linear(16, 8, dtype=torch.bfloat16), r=4, alpha=8)
-    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.bfloat16
+    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.float32
     assert layer.scaling == 2.0 and torch.count_nonzero(layer.lora_B.weight) == 0
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16  # the layer's output keeps the base's dtype
+    y.float().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == torch.float32
 
 
 def test_merged_layer_matches_unmerged_output():

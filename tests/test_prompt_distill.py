@@ -92,6 +92,24 @@ def test_answer_logits_with_a_shared_prefix_equal_the_full_forward(tiny_llama):
     assert torch.allclose(shared, full, atol=1e-5)
 
 
+def test_bf16_autocast_training_sees_every_optimizer_step(tiny_llama):
+    """Autocast may keep its bf16 copy of a trainable weight for the whole block; the LoRA must not go stale."""
+    path, _ = tiny_llama
+    net, _, _ = m.load(path)
+    lora.inject_lora(net, r=4, alpha=4)
+    optimizer = torch.optim.SGD(lora.lora_parameters(net), lr=1.0)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with pd.precision(net, pd.Settings(precision="bf16")):
+        for step in range(2):
+            logits = net(ids)
+            assert logits.dtype == torch.bfloat16  # autocast is on
+            if step == 0:
+                before = logits.detach().float()
+                logits.float().pow(2).mean().backward()
+                optimizer.step()
+    assert not torch.allclose(before, logits.detach().float())
+
+
 # Questions and documents
 
 def test_parse_questions_strips_numbering_and_drops_non_questions():
