@@ -101,6 +101,7 @@ class Progress:
         return time.time() - self.start
 
 
+@functools.cache  # asked at every training step; /proc/cpuinfo is read once
 def cpu_has_bf16_units() -> bool:
     """AVX512-BF16 or AMX: bfloat16 matmuls run faster than float32 ones on this CPU (Linux only)."""
     try:
