@@ -164,12 +164,31 @@ def test_guard_targets_come_from_the_base_model_so_a_fresh_adapter_has_zero_guar
     path, _ = tiny_llama
     net, _, _ = m.load(path)
     lora.inject_lora(net, r=4, alpha=4)
+    batch = [pd.Example([], [3, 4], [5], [6, 2])]
     guard = [pd.Example([], [3, 4, 5], [3, 4, 5], [6, 7, 2]), pd.Example([], [8, 9], [8, 9], [10, 2])]
-    assert pd.guard_loss(net, guard, pd.Settings()).item() == pytest.approx(0.0, abs=1e-6)
+    no_prefix = lambda prefix: None
+    _, on_guard = pd.batch_loss(net, batch, guard, pd.Settings(), no_prefix)
+    assert on_guard.item() == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():
         for p in lora.lora_parameters(net):
             p.normal_(0, 0.2)
-    assert pd.guard_loss(net, guard, pd.Settings()).item() > 1e-4  # a changed adapter is pulled back
+    _, on_guard = pd.batch_loss(net, batch, guard, pd.Settings(), no_prefix)
+    assert on_guard.item() > 1e-4  # a changed adapter is pulled back
+
+
+def test_guard_rows_in_the_same_pass_do_not_change_the_document_loss(tiny_llama):
+    path, _ = tiny_llama
+    net, _, _ = m.load(path)
+    lora.inject_lora(net, r=4, alpha=4)
+    with torch.no_grad():
+        for p in lora.lora_parameters(net):
+            p.normal_(0, 0.2)
+    batch = [pd.Example([], [3, 4, 11], [5], [6, 2]), pd.Example([], [3, 12], [5, 9], [7, 8, 2])]
+    guard = [pd.Example([], [3, 4, 5, 13, 14], [3, 4, 5, 13, 14], [6, 7, 2])]
+    for method in ("distill", "sft"):
+        alone, _ = pd.batch_loss(net, batch, [], pd.Settings(method=method), lambda prefix: None)
+        mixed, _ = pd.batch_loss(net, batch, guard, pd.Settings(method=method), lambda prefix: None)
+        assert mixed.item() == pytest.approx(alone.item(), rel=1e-5)
 
 
 # Bad input: one line, non-zero exit, nothing written
