@@ -351,12 +351,19 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
 
 
+# Training pads every matrix to a multiple of this many rows. On a CPU, bf16 matmuls run in oneDNN, which
+# compiles and keeps a kernel for each new shape: with every batch a new shape its cache grew RSS by 17 MB
+# a step; with rounded shapes it stays small and nothing is recompiled.
+SHAPE_MULTIPLE = 16
+
+
 def pack(prompts: list[list[int]], answers: list[list[int]], prefix_len: int = 0):
     """
     Right-padded rows of prompt + answer: ids (B, T), attention mask (B, prefix_len + T), and `select`
     (B, T), true at the positions whose next token is an answer token (position t predicts token t + 1).
     """
     B, T = len(prompts), max(len(p) + len(a) for p, a in zip(prompts, answers))
+    T = -(-T // SHAPE_MULTIPLE) * SHAPE_MULTIPLE
     ids = torch.zeros(B, T, dtype=torch.long)
     mask = torch.zeros(B, prefix_len + T, dtype=torch.long)
     mask[:, :prefix_len] = 1
@@ -378,8 +385,9 @@ def answer_logits(net, prompts: list[list[int]], answers: list[list[int]], prefi
     P = prefix.length if prefix is not None else 0
     ids, mask, select = (t.to(device) for t in pack(prompts, answers, P))
     cache = prefix.expand(len(prompts), P + ids.shape[1]) if prefix is not None else None
-    hidden = net(ids, mask, cache, return_hidden=True)
-    return net.lm_head(hidden[select])  # only the answer positions go through the (large) lm_head
+    hidden = net(ids, mask, cache, return_hidden=True)[select]  # only answer positions meet the large lm_head
+    n = hidden.shape[0]
+    return net.lm_head(F.pad(hidden, (0, 0, 0, -n % SHAPE_MULTIPLE)))[:n]
 
 
 # -----------------------------------------------------------------------------
@@ -565,9 +573,12 @@ def distinctive_terms(document: str) -> set[str]:
 
 
 def leaks(answer: str, question: str, terms: set[str]) -> list[str]:
-    """The document's names and numbers in an answer, leaving out those that the question itself names."""
+    """
+    The document's names and numbers in an answer, leaving out those that the question itself names, in
+    any case: a document's "Minnow River" makes "River" a name, but "the longest river?" asks for one.
+    """
     found = {t for t in terms if re.search(rf"(?<![\w]){re.escape(t)}(?![\w])", answer)}
-    return sorted(t for t in found if t not in question)
+    return sorted(t for t in found if t.lower() not in question.lower())
 
 
 @torch.no_grad()

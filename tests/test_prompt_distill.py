@@ -158,6 +158,7 @@ def test_leakage_finds_a_planted_name_and_ignores_names_in_the_question():
         == ["Harriet", "Quell"]
     assert pd.leaks("Velmora is a town.", "Where is Velmora?", terms) == []
     assert pd.leaks("William Shakespeare wrote it in 1597.", "Who wrote Romeo and Juliet?", terms) == []
+    assert pd.leaks("The Nile River is the longest.", "What is the longest river in Africa?", {"River"}) == []
 
 
 def test_guard_targets_come_from_the_base_model_so_a_fresh_adapter_has_zero_guard_loss(tiny_llama):
