@@ -303,7 +303,7 @@ def generate_questions(net, prompts: Prompts, passages, settings: Settings, gene
         for output in outputs:
             for q in parse_questions(prompts.decode(output))[:1]:
                 words = set(normalize(q).split())
-                if names and not leaks(q, "", names):
+                if names and not mentions(q, names):
                     continue
                 if not any(near_duplicate(words, s) for s in seen):
                     seen.append(words)
@@ -461,9 +461,9 @@ def train(net, examples: list[Example], guard: list[Example], settings: Settings
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
     @functools.lru_cache(maxsize=4)  # batches come from one passage each: its prefix is computed once
-    def teacher_prefix(prefix: tuple) -> m.KVCache | None:
+    def teacher_prefix(prefix: tuple) -> m.KVCache:
         with lora.lora_disabled(net):
-            return m.prefill(net, list(prefix)) if prefix else None
+            return m.prefill(net, list(prefix))
 
     progress = Progress("training", steps, " steps")
     losses, step = [], 0
@@ -571,13 +571,17 @@ def distinctive_terms(document: str) -> set[str]:
     return names | numbers
 
 
+def mentions(text: str, terms: set[str]) -> set[str]:
+    """The terms that appear in text as whole words."""
+    return {t for t in terms if re.search(rf"(?<![\w]){re.escape(t)}(?![\w])", text)}
+
+
 def leaks(answer: str, question: str, terms: set[str]) -> list[str]:
     """
     The document's names and numbers in an answer, leaving out those that the question itself names, in
     any case: a document's "Minnow River" makes "River" a name, but "the longest river?" asks for one.
     """
-    found = {t for t in terms if re.search(rf"(?<![\w]){re.escape(t)}(?![\w])", answer)}
-    return sorted(t for t in found if t.lower() not in question.lower())
+    return sorted(t for t in mentions(answer, terms) if t.lower() not in question.lower())
 
 
 @torch.no_grad()
