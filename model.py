@@ -323,7 +323,8 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
 @torch.no_grad()
 def prefill(model: Transformer, prefix: list[int]) -> KVCache:
     """The cache of one row holding `prefix`; expand() it to share the prefix across a batch."""
-    cache = KVCache(model.config, 1, len(prefix), model.lm_head.weight.device, model.lm_head.weight.dtype)
+    weight = model.model.embed_tokens.weight  # lm_head may be wrapped in a LoRA layer, the embedding never is
+    cache = KVCache(model.config, 1, len(prefix), weight.device, weight.dtype)
     model(torch.tensor([prefix], device=cache.k.device), cache=cache, return_hidden=True)
     return cache
 
@@ -345,7 +346,7 @@ def generate(
     shared `prefix` (computed once for all rows). Each row stops at the first of `stop_ids`, which is
     kept at the end of its output, or after max_new_tokens. Returns the new tokens of each row.
     """
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device
     B, P, longest = len(prompts), len(prefix), max(len(p) for p in prompts)
     max_len = P + longest + max_new_tokens
     input_ids = torch.zeros(B, longest, dtype=torch.long, device=device)
@@ -357,7 +358,7 @@ def generate(
     if P:
         cache = prefill(model, list(prefix)).expand(B, max_len)
     else:
-        cache = KVCache(model.config, B, max_len, device, model.lm_head.weight.dtype)
+        cache = KVCache(model.config, B, max_len, device, model.model.embed_tokens.weight.dtype)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = []
@@ -704,7 +705,7 @@ def main() -> None:
     except ModelError as e:
         sys.exit(f"error: {e}")
     prompt = tokenizer.encode(chat.render([{"role": "user", "content": args.prompt}]), add_special_tokens=False).ids
-    generator = torch.Generator(model.lm_head.weight.device).manual_seed(args.seed)
+    generator = torch.Generator(model.model.embed_tokens.weight.device).manual_seed(args.seed)
     new = generate(model, [prompt], args.max_new_tokens, chat.stop_ids, args.temperature, args.top_k, args.top_p,
                    generator)[0]
     print(tokenizer.decode(new, skip_special_tokens=True).strip())

@@ -159,6 +159,30 @@ def test_leakage_finds_a_planted_name_and_ignores_names_in_the_question():
     assert pd.leaks("Velmora is a town.", "Where is Velmora?", terms) == []
     assert pd.leaks("William Shakespeare wrote it in 1597.", "Who wrote Romeo and Juliet?", terms) == []
     assert pd.leaks("The Nile River is the longest.", "What is the longest river in Africa?", {"River"}) == []
+    assert pd.leaks("A year has 365.25 days, or 8,766 hours.", "How long is a year?", {"25", "766", "8"}) == []
+    assert pd.leaks("It was 1847. Then 25, then 8.", "When?", {"1847", "25", "8"}) == ["1847", "25", "8"]
+
+
+def perturb(net) -> None:
+    with torch.no_grad():
+        for p in lora.lora_parameters(net):
+            p.normal_(0, 0.2)
+
+
+def test_targets_are_the_adapter_free_teachers_logits_with_the_passage_in_its_prompt(tiny_llama):
+    path, _ = tiny_llama
+    net, _, _ = m.load(path)
+    lora.inject_lora(net, r=4, alpha=4, targets=lora.DEFAULT_TARGETS + ("lm_head",))
+    passage = [5, 6, 7, 8]
+    examples = [pd.Example(passage, [9, 10], [9], [14, 15, 2]), pd.Example(passage, [11, 12, 13], [11], [16, 2]),
+                pd.Example([], [3, 4], [3, 4], [17, 2])]
+    with torch.no_grad():
+        expected = [pd.answer_logits(net, [e.prefix + e.teacher], [e.answer]) for e in examples]
+    perturb(net)  # the adapter, lm_head's included, must not reach the targets
+    pd.compute_targets(net, examples, pd.Settings(precision="fp32"))
+    for e, logits in zip(examples, expected):
+        assert e.target.shape == (len(e.answer), net.config.hidden_size)
+        assert torch.allclose(pd.target_logits(net, [e]), logits, atol=1e-5)
 
 
 def test_guard_targets_come_from_the_base_model_so_a_fresh_adapter_has_zero_guard_loss(tiny_llama):
@@ -167,13 +191,11 @@ def test_guard_targets_come_from_the_base_model_so_a_fresh_adapter_has_zero_guar
     lora.inject_lora(net, r=4, alpha=4)
     batch = [pd.Example([], [3, 4], [5], [6, 2])]
     guard = [pd.Example([], [3, 4, 5], [3, 4, 5], [6, 7, 2]), pd.Example([], [8, 9], [8, 9], [10, 2])]
-    no_prefix = lambda prefix: None
-    _, on_guard = pd.batch_loss(net, batch, guard, pd.Settings(), no_prefix)
+    pd.compute_targets(net, batch + guard, pd.Settings(precision="fp32"))
+    _, on_guard = pd.batch_loss(net, batch, guard, pd.Settings())
     assert on_guard.item() == pytest.approx(0.0, abs=1e-6)
-    with torch.no_grad():
-        for p in lora.lora_parameters(net):
-            p.normal_(0, 0.2)
-    _, on_guard = pd.batch_loss(net, batch, guard, pd.Settings(), no_prefix)
+    perturb(net)
+    _, on_guard = pd.batch_loss(net, batch, guard, pd.Settings())
     assert on_guard.item() > 1e-4  # a changed adapter is pulled back
 
 
@@ -181,14 +203,13 @@ def test_guard_rows_in_the_same_pass_do_not_change_the_document_loss(tiny_llama)
     path, _ = tiny_llama
     net, _, _ = m.load(path)
     lora.inject_lora(net, r=4, alpha=4)
-    with torch.no_grad():
-        for p in lora.lora_parameters(net):
-            p.normal_(0, 0.2)
     batch = [pd.Example([], [3, 4, 11], [5], [6, 2]), pd.Example([], [3, 12], [5, 9], [7, 8, 2])]
     guard = [pd.Example([], [3, 4, 5, 13, 14], [3, 4, 5, 13, 14], [6, 7, 2])]
+    pd.compute_targets(net, batch + guard, pd.Settings(precision="fp32"))
+    perturb(net)
     for method in ("distill", "sft"):
-        alone, _ = pd.batch_loss(net, batch, [], pd.Settings(method=method), lambda prefix: None)
-        mixed, _ = pd.batch_loss(net, batch, guard, pd.Settings(method=method), lambda prefix: None)
+        alone, _ = pd.batch_loss(net, batch, [], pd.Settings(method=method))
+        mixed, _ = pd.batch_loss(net, batch, guard, pd.Settings(method=method))
         assert mixed.item() == pytest.approx(alone.item(), rel=1e-5)
 
 
