@@ -346,7 +346,8 @@ def generate(
     shared `prefix` (computed once for all rows). Each row stops at the first of `stop_ids`, which is
     kept at the end of its output, or after max_new_tokens. Returns the new tokens of each row.
     """
-    device = model.model.embed_tokens.weight.device
+    weight = model.model.embed_tokens.weight  # as in prefill: the embedding is never wrapped
+    device = weight.device
     B, P, longest = len(prompts), len(prefix), max(len(p) for p in prompts)
     max_len = P + longest + max_new_tokens
     input_ids = torch.zeros(B, longest, dtype=torch.long, device=device)
@@ -358,7 +359,7 @@ def generate(
     if P:
         cache = prefill(model, list(prefix)).expand(B, max_len)
     else:
-        cache = KVCache(model.config, B, max_len, device, model.model.embed_tokens.weight.dtype)
+        cache = KVCache(model.config, B, max_len, device, weight.dtype)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = []

@@ -121,8 +121,8 @@ def precision(net, settings: Settings):
     cache_enabled=False: otherwise autocast keeps the bf16 copy of each trainable weight for as long as
     the block lasts, and the forward passes after an optimizer step would still see the old LoRA weights.
     """
-    device = net.model.embed_tokens.weight.device
-    fp32 = net.model.embed_tokens.weight.dtype == torch.float32
+    weight = net.model.embed_tokens.weight  # not lm_head's: lm_head may be wrapped in a LoRA layer
+    device, fp32 = weight.device, weight.dtype == torch.float32
     auto = settings.precision == "auto" and device.type == "cpu" and cpu_has_bf16_units()
     on = settings.precision == "bf16" or auto
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on and fp32, cache_enabled=False)
