@@ -155,31 +155,36 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated to `max_len`."""
+    """
+    Keys and values of every layer for the tokens seen so far, preallocated to `max_len`. One tensor a
+    layer, so that a forward pass writes each of them once: gradients can then flow through a cache
+    (a prompt prefix computed with autograd on and shared by a batch), since no tensor that attention
+    saved for the backward pass is overwritten later in the pass.
+    """
 
     def __init__(self, cfg: Config, batch: int, max_len: int, device, dtype):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.length = 0  # tokens stored; advanced by Transformer.forward after all layers wrote
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
-        if end > self.k.shape[3]:
-            raise ValueError(f"KV cache is full ({self.k.shape[3]} tokens)")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if end > self.k[layer].shape[2]:
+            raise ValueError(f"KV cache is full ({self.k[layer].shape[2]} tokens)")
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def expand(self, batch: int, max_len: int) -> KVCache:
         """A new cache of `batch` rows, each starting with this one-row cache's tokens."""
-        L, _, kv, _, hd = self.k.shape
         new = KVCache.__new__(KVCache)
-        new.k = self.k.new_zeros(L, batch, kv, max_len, hd)
-        new.v = self.v.new_zeros(L, batch, kv, max_len, hd)
-        new.k[:, :, :, : self.length] = self.k[:, :, :, : self.length]  # broadcast over the batch
-        new.v[:, :, :, : self.length] = self.v[:, :, :, : self.length]
-        new.length = self.length
+        new.k, new.v, new.length = [], [], self.length
+        for old, copies in ((self.k, new.k), (self.v, new.v)):
+            for t in old:
+                copy = t.new_zeros(batch, t.shape[1], max_len, t.shape[3])
+                copy[:, :, : self.length] = t[:, :, : self.length]  # broadcast over the batch
+                copies.append(copy)
         return new
 
 
@@ -320,12 +325,14 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
     return candidates.gather(-1, choice).squeeze(-1)
 
 
-@torch.no_grad()
 def prefill(model: Transformer, prefix: list[int]) -> KVCache:
-    """The cache of one row holding `prefix`; expand() it to share the prefix across a batch."""
+    """
+    The cache of one row holding `prefix`; expand() it to share the prefix across a batch. With autograd
+    on, gradients flow back through the cache into the model (a LoRA adapter trains on a shared prompt).
+    """
     weight = model.model.embed_tokens.weight  # lm_head may be wrapped in a LoRA layer, the embedding never is
     cache = KVCache(model.config, 1, len(prefix), weight.device, weight.dtype)
-    model(torch.tensor([prefix], device=cache.k.device), cache=cache, return_hidden=True)
+    model(torch.tensor([prefix], device=weight.device), cache=cache, return_hidden=True)
     return cache
 
 

@@ -90,7 +90,7 @@ def test_distillation_smoke_run_on_the_real_model_lowers_the_loss(default_model_
     out = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", [
         "prompt_distill.py", "--doc", os.path.join(root, "data", "lake_town.txt"), "--model", default_model_dir,
-        "--out", str(out), "--questions-per-passage", "16", "--epochs", "3", "--batch-size", "4",
+        "--out", str(out), "--questions-per-passage", "4", "--epochs", "3", "--batch-size", "4",
         "--lr", "2e-3", "--no-guard"])
     assert pd.main() == 0
     report = json.load(open(out / "report.json"))

@@ -92,6 +92,38 @@ def test_answer_logits_with_a_shared_prefix_equal_the_full_forward(tiny_llama):
     assert torch.allclose(shared, full, atol=1e-5)
 
 
+def test_the_shared_start_of_the_student_prompts_changes_no_loss_and_no_gradient(tiny_llama):
+    """batch_loss runs what every student prompt starts with once, as a prefix: gradients flow through it."""
+    path, _ = tiny_llama
+    net, _, _ = m.load(path)
+    lora.inject_lora(net, r=4, alpha=4)
+    torch.manual_seed(0)
+    for p in lora.lora_parameters(net):  # a trained adapter: the prefix's keys and values depend on it
+        p.data.normal_(0, 0.2)
+    batch = [pd.Example([3], [4, 5], [5, 6, 7, 9, 10], [14, 15, 2]), pd.Example([3], [8], [5, 6, 7, 11], [16, 2])]
+    guard = [pd.Example([], [5, 6, 12], [5, 6, 12], [17, 2])]
+    assert pd.common_start([e.student for e in batch + guard]) == [5, 6]
+    pd.compute_targets(net, batch + guard, pd.Settings())
+
+    def loss_and_gradients(loss_fn):
+        net.zero_grad()
+        loss, on_guard = loss_fn()
+        (loss + on_guard).backward()
+        return loss.item(), on_guard.item(), [p.grad.clone() for p in lora.lora_parameters(net)]
+
+    def without_a_prefix():
+        student = pd.answer_logits(net, [e.student for e in batch + guard], [e.answer for e in batch + guard])
+        return (pd.distillation_loss(student[:5], pd.target_logits(net, batch), 1.0),
+                pd.distillation_loss(student[5:], pd.target_logits(net, guard), 1.0))
+
+    shared = loss_and_gradients(lambda: pd.batch_loss(net, batch, guard, pd.Settings()))
+    full = loss_and_gradients(without_a_prefix)
+    assert shared[0] == pytest.approx(full[0], rel=1e-4) and shared[1] == pytest.approx(full[1], rel=1e-4)
+    assert full[0] > 0.01 and all(g.abs().sum() > 0 for g in full[2])
+    for a, b in zip(shared[2], full[2]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_bf16_autocast_training_sees_every_optimizer_step(tiny_llama):
     """Autocast may keep its bf16 copy of a trainable weight for the whole block; the LoRA must not go stale."""
     path, _ = tiny_llama
