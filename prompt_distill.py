@@ -53,7 +53,7 @@ class Settings:
     question_top_k: int = 50
     answer_temperature: float = 0.0  # greedy: sampled at 1.0, both methods lost half their score (README)
     max_answer_tokens: int = 32
-    generation_batch: int = 32  # rows decoded together: 1.4x the rows/s of 16 here; the KV cache grows
+    generation_batch: int = 64  # rows decoded together at most: 1.3x the rows/s of 32 here
     passage_tokens: int = 160  # about a paragraph: distilled 30 -> 38 of 82 against the page (README)
     rank: int = 32
     alpha: float = 32.0
@@ -240,13 +240,29 @@ class Prompts:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
+GENERATION_KV_BYTES = 1.5 * 2**30  # a batch's KV cache at most: 32 rows of a 1,024-token page for SmolLM2-135M
+
+
 def generate_batched(net, prompts: list[list[int]], max_new: int, stop_ids, batch_size: int, progress=None,
                      prefix=(), **sampling) -> list[list[int]]:
+    """
+    m.generate over batches of at most batch_size rows, all of about the same size: a decode step costs
+    nearly as much for 13 rows as for 32, so 77 rows at 32 go as 25 + 26 + 26, not 32 + 32 + 13. Every row
+    holds a copy of the prefix in its KV cache, so a long prefix makes the batches smaller.
+    """
+    if not prompts:  # a passage that kept no questions
+        return []
+    cfg, weight = net.config, net.model.embed_tokens.weight
+    bytes_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * weight.element_size()
+    row_tokens = len(prefix) + max(map(len, prompts)) + max_new
+    batch_size = max(1, min(batch_size, int(GENERATION_KV_BYTES // (bytes_per_token * row_tokens))))
+    batches = math.ceil(len(prompts) / batch_size)
+    bounds = [len(prompts) * i // batches for i in range(batches + 1)]
     out = []
-    for i in range(0, len(prompts), batch_size):
-        out += m.generate(net, prompts[i:i + batch_size], max_new, stop_ids, prefix=prefix, **sampling)
+    for start, end in zip(bounds, bounds[1:]):
+        out += m.generate(net, prompts[start:end], max_new, stop_ids, prefix=prefix, **sampling)
         if progress:
-            progress.update(len(prompts[i:i + batch_size]))
+            progress.update(end - start)
     return out
 
 
@@ -331,8 +347,9 @@ def answer_open_book(net, prompts: Prompts, passages, pairs, settings: Settings,
         rows = [i for i, (p, _) in enumerate(pairs) if p == index]
         prefix, _ = prompts.with_passage(passage, "")
         suffixes = [prompts.open_book(passage, pairs[i][1])[1] for i in rows]
-        outs = generate_batched(net, suffixes, settings.max_answer_tokens, prompts.chat.stop_ids, settings.generation_batch,
-                                progress, prefix, temperature=settings.answer_temperature, generator=generator)
+        outs = generate_batched(net, suffixes, settings.max_answer_tokens, prompts.chat.stop_ids,
+                                settings.generation_batch, progress, prefix,
+                                temperature=settings.answer_temperature, generator=generator)
         for i, out in zip(rows, outs):
             answers[i] = out
     progress.close()
@@ -355,19 +372,27 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
 
 
-# Training pads every matrix to a multiple of this many rows. On a CPU, bf16 matmuls run in oneDNN, which
-# compiles and keeps a kernel for each new shape: with every batch a new shape its cache grew RSS by 17 MB
-# a step; with rounded shapes it stays small and nothing is recompiled.
+# On a CPU, bf16 matmuls run in oneDNN, which compiles and keeps a kernel for each new shape: with every
+# batch a new shape its cache grew RSS by 17 MB a step. There, training pads every matrix to a multiple of
+# this many rows, so the cache stays small and nothing is recompiled. float32 matmuls (MKL) compile
+# nothing, and the padding would only cost time: 8% of a step here.
 SHAPE_MULTIPLE = 16
 
 
-def pack(prompts: list[list[int]], answers: list[list[int]], prefix_len: int = 0):
+def shape_multiple(net) -> int:
+    weight = net.model.embed_tokens.weight
+    bf16 = torch.is_autocast_enabled("cpu") or weight.dtype != torch.float32
+    return SHAPE_MULTIPLE if weight.device.type == "cpu" and bf16 else 1
+
+
+def pack(prompts: list[list[int]], answers: list[list[int]], prefix_len: int = 0, multiple: int = 1):
     """
     Right-padded rows of prompt + answer: ids (B, T), attention mask (B, prefix_len + T), and `select`
     (B, T), true at the positions whose next token is an answer token (position t predicts token t + 1).
+    T is rounded up to a multiple of `multiple`.
     """
     B, T = len(prompts), max(len(p) + len(a) for p, a in zip(prompts, answers))
-    T = -(-T // SHAPE_MULTIPLE) * SHAPE_MULTIPLE
+    T = -(-T // multiple) * multiple
     ids = torch.zeros(B, T, dtype=torch.long)
     mask = torch.zeros(B, prefix_len + T, dtype=torch.long)
     mask[:, :prefix_len] = 1
@@ -387,14 +412,14 @@ def answer_hidden(net, prompts: list[list[int]], answers: list[list[int]], prefi
     """
     device = net.model.embed_tokens.weight.device
     P = prefix.length if prefix is not None else 0
-    ids, mask, select = (t.to(device) for t in pack(prompts, answers, P))
+    ids, mask, select = (t.to(device) for t in pack(prompts, answers, P, shape_multiple(net)))
     cache = prefix.expand(len(prompts), P + ids.shape[1]) if prefix is not None else None
     return net(ids, mask, cache, return_hidden=True)[select]  # only answer positions meet the large lm_head
 
 
 def logits_of(net, hidden: torch.Tensor) -> torch.Tensor:
     n = hidden.shape[0]
-    return net.lm_head(F.pad(hidden, (0, 0, 0, -n % SHAPE_MULTIPLE)))[:n]
+    return net.lm_head(F.pad(hidden, (0, 0, 0, -n % shape_multiple(net))))[:n]
 
 
 def answer_logits(net, prompts: list[list[int]], answers: list[list[int]], prefix: m.KVCache | None = None):
@@ -868,7 +893,8 @@ def main() -> int:
                         help="bf16: autocast matmuls to bfloat16 (auto: on a CPU with bf16 units)")
     parser.add_argument("--no-guard", dest="guard", action="store_false", help="train without the forgetting guard")
     for name in ("questions_per_passage", "rank", "alpha", "lr", "epochs", "batch_size", "temperature",
-                 "guard_weight", "guard_batch", "question_temperature", "passage_tokens", "seed"):
+                 "guard_weight", "guard_batch", "question_temperature", "passage_tokens", "generation_batch",
+                 "seed"):
         parser.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)),
                             default=getattr(defaults, name))
     args = parser.parse_args()

@@ -1,5 +1,6 @@
 """The pipeline's pieces: the loss, token alignment, parsing, the forgetting measures, bad input."""
 
+import itertools
 import json
 import math
 import os
@@ -66,8 +67,9 @@ def test_teacher_and_student_are_scored_on_exactly_the_answer_tokens(tiny_llama)
     assert prompts.encode(passage) == prefix[-len(prompts.encode(passage)):]  # the teacher sees the passage
     assert not set(prompts.encode("founded 1")) & set(student)  # the student does not
 
-    for prefix_len, prompt in ((len(prefix), suffix), (0, student)):
-        ids, mask, select = pd.pack([prompt, prompt[:3]], [answer, answer[:2]], prefix_len)
+    for (prefix_len, prompt), multiple in itertools.product(((len(prefix), suffix), (0, student)), (1, 16)):
+        ids, mask, select = pd.pack([prompt, prompt[:3]], [answer, answer[:2]], prefix_len, multiple)
+        assert ids.shape[1] % multiple == 0 and ids.shape[1] - (len(prompt) + len(answer)) < multiple
         predicted = ids.roll(-1, dims=1)[select]  # the token each selected position predicts
         assert predicted.tolist() == answer + answer[:2]
         assert mask.sum().item() == 2 * prefix_len + len(prompt) + len(answer) + 3 + 2
@@ -143,6 +145,29 @@ def test_bf16_autocast_training_sees_every_optimizer_step(tiny_llama):
 
 
 # Questions and documents
+
+def test_generation_batches_are_even_and_their_kv_cache_fits_the_budget(tiny_llama, monkeypatch):
+    path, _ = tiny_llama
+    net, _, _ = m.load(path)
+    prompts = [[5 + i % 7, 6, 7 + i % 3] for i in range(77)]
+    one_by_one = [m.generate(net, [p], 4, ())[0] for p in prompts]
+    sizes, generate = [], m.generate
+
+    def counted(net, rows, *args, **kwargs):
+        sizes.append(len(rows))
+        return generate(net, rows, *args, **kwargs)
+
+    monkeypatch.setattr(m, "generate", counted)
+    assert pd.generate_batched(net, prompts, 4, (), 32) == one_by_one  # greedy rows do not depend on their batch
+    assert sizes == [25, 26, 26]
+    cfg = net.config
+    bytes_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4
+    sizes.clear()
+    monkeypatch.setattr(pd, "GENERATION_KV_BYTES", 10 * (100 + 3 + 4) * bytes_per_token)  # 10 rows of this prefix
+    pd.generate_batched(net, prompts, 4, (), 32, prefix=[5 + i % 20 for i in range(100)])
+    assert max(sizes) <= 10 and sum(sizes) == 77 and max(sizes) - min(sizes) <= 1
+    assert pd.generate_batched(net, [], 4, (), 32) == []
+
 
 def test_parse_questions_strips_numbering_and_drops_non_questions():
     text = ("1. Who founded the town of Velmora?\n2) In what year was the Velmora bridge built?\n"
