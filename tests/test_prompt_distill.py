@@ -160,8 +160,8 @@ def test_generation_batches_are_even_and_their_kv_cache_fits_the_budget(tiny_lla
     monkeypatch.setattr(m, "generate", counted)
     assert pd.generate_batched(net, prompts, 4, (), 32) == one_by_one  # greedy rows do not depend on their batch
     assert sizes == [25, 26, 26]
-    cfg = net.config
-    bytes_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4
+    one_token = m.KVCache(net.config, 1, 1, "cpu", torch.float32)  # measured, not the formula again
+    bytes_per_token = sum(t.numel() * t.element_size() for t in one_token.k + one_token.v)
     sizes.clear()
     monkeypatch.setattr(pd, "GENERATION_KV_BYTES", 10 * (100 + 3 + 4) * bytes_per_token)  # 10 rows of this prefix
     pd.generate_batched(net, prompts, 4, (), 32, prefix=[5 + i % 20 for i in range(100)])
