@@ -252,8 +252,7 @@ def generate_batched(net, prompts: list[list[int]], max_new: int, stop_ids, batc
     """
     if not prompts:  # a passage that kept no questions
         return []
-    cfg, weight = net.config, net.model.embed_tokens.weight
-    bytes_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * weight.element_size()
+    bytes_per_token = m.KVCache.bytes_per_token(net.config, net.model.embed_tokens.weight.dtype)
     row_tokens = len(prefix) + max(map(len, prompts)) + max_new
     batch_size = max(1, min(batch_size, int(GENERATION_KV_BYTES // (bytes_per_token * row_tokens))))
     batches = math.ceil(len(prompts) / batch_size)

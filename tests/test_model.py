@@ -71,6 +71,23 @@ def test_generation_stops_at_any_stop_id(tiny_llama):
     assert stopped == free[: first + 1]
 
 
+def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(tiny, monkeypatch):
+    path, _ = tiny
+    ours, _, _ = m.load(path, device="cpu", dtype=torch.float32)
+    prefix = random_ids(5, ours.config.vocab_size, 7)
+    prompts = [random_ids(n, ours.config.vocab_size, 20 + n) for n in (2, 7, 4, 5, 3)]
+    free = [m.generate(ours, [prefix + p], max_new_tokens=12)[0] for p in prompts]
+    stop = [free[0][1], free[2][5]]  # rows end at different steps, some maybe never
+    alone = [m.generate(ours, [prefix + p], max_new_tokens=12, stop_ids=stop)[0] for p in prompts]
+    assert len({len(a) for a in alone}) > 1
+    kept = []
+    keep_rows = m.KVCache.keep_rows
+    monkeypatch.setattr(m.KVCache, "keep_rows", lambda cache, rows: kept.append(len(rows)) or keep_rows(cache, rows))
+    batched = m.generate(ours, prompts, max_new_tokens=12, stop_ids=stop, prefix=prefix)
+    assert kept, "no finished row left the batch"
+    assert batched == alone
+
+
 def test_sampling_is_reproducible_and_respects_top_k():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     a = m.sample(logits, 1.5, 5, None, torch.Generator().manual_seed(1))
