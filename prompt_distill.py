@@ -3,7 +3,8 @@ Knowledge injection via prompt distillation (Kujanpaa et al., arXiv 2412.14964),
 
     python prompt_distill.py --doc notes.txt --eval notes.qa.jsonl
 
-1. The model, with a passage of the document in its prompt, writes questions about it and answers them.
+1. The model, with a passage of the document in its prompt, writes questions about its sentences and
+   answers them.
 2. A student (the same frozen model plus a LoRA adapter) that does NOT see the passage is trained to
    match the teacher's (adapters off, passage in the prompt) full next-token distributions on the answer
    tokens, with a temperature-scaled KL loss. One model in memory is both: lora_disabled() is the teacher.
@@ -51,6 +52,7 @@ class Settings:
     questions_per_passage: int = 50  # the paper writes 30 per paragraph; a few are dropped as duplicates
     question_temperature: float = 0.7  # 1.0 drifts off the sentence, the paper's 1.5 is gibberish at 135M
     question_top_k: int = 50
+    point_teacher: bool = False  # show the teacher the question's sentence too: tied, 72 vs 75 of 164 (README)
     answer_temperature: float = 0.0  # greedy: sampled at 1.0, both methods lost half their score (README)
     max_answer_tokens: int = 32
     generation_batch: int = 64  # rows decoded together at most: 1.3x the rows/s of 32 here
@@ -213,6 +215,10 @@ def document_passages(document: str, prompts: "Prompts", net, max_tokens: int) -
 QUESTION_INSTRUCTION = ('Turn this sentence from the text above into a question that asks for one of its details: '
                         '"{fact}"\nWrite only the question.')
 ANSWER_INSTRUCTION = "Answer the question using the text above, in a few words.\nQuestion: {q}"
+# With --point-teacher, the teacher of a generated question also sees the sentence it was written from:
+# given the passage alone, the 135M model mixes up its facts ("The Saltreed Bridge is the tallest landmark").
+POINTED_ANSWER_INSTRUCTION = ('Answer the question using the text above, in a few words. '
+                              'The answer is in this sentence: "{fact}"\nQuestion: {q}')
 MAX_QUESTION_TOKENS = 32  # a longer one rambles and is dropped by the parser anyway
 
 
@@ -229,8 +235,10 @@ class Prompts:
         cut = text.index(passage) + len(passage)  # split at the passage's end: a token boundary
         return self.encode(text[:cut]), self.encode(text[cut:])
 
-    def open_book(self, passage: str, question: str) -> tuple[list[int], list[int]]:
-        """The teacher's (prefix, suffix) for answering `question` with `passage` in its prompt."""
+    def open_book(self, passage: str, question: str, fact: str = "") -> tuple[list[int], list[int]]:
+        """The teacher's (prefix, suffix) for `question` with `passage` (and the sentence `fact`) in its prompt."""
+        if fact:
+            return self.with_passage(passage, POINTED_ANSWER_INSTRUCTION.format(fact=fact, q=question))
         return self.with_passage(passage, ANSWER_INSTRUCTION.format(q=question))
 
     def closed_book(self, question: str) -> list[int]:
@@ -297,11 +305,12 @@ def facts(passage: str) -> list[str]:
     return [p.strip() for p in pieces if len(p.split()) >= 4]
 
 
-def generate_questions(net, prompts: Prompts, passages, settings: Settings, generator) -> list[tuple[int, str]]:
+def generate_questions(net, prompts: Prompts, passages, settings: Settings, generator) -> list[tuple[int, str, str]]:
     """
-    (passage index, question) pairs, about questions_per_passage per passage, deduplicated. Each call
-    shows the model the whole passage and points it at one sentence: a small model asked for questions
-    about a whole text writes a few vague ones again and again; pointed at each fact in turn, it covers them all.
+    (passage index, question, sentence it asks about) triples, about questions_per_passage per passage,
+    deduplicated. Each call shows the model the whole passage and points it at one sentence: a small model
+    asked for questions about a whole text writes a few vague ones again and again; pointed at each fact in
+    turn, it covers them all.
     """
     jobs = []  # (passage index, fact), each fact asked about several times at a high temperature
     for index, passage in enumerate(passages):
@@ -309,43 +318,46 @@ def generate_questions(net, prompts: Prompts, passages, settings: Settings, gene
         per_fact = math.ceil(1.5 * settings.questions_per_passage / len(sentences))  # some are dropped
         jobs += [(index, fact) for fact in sentences for _ in range(per_fact)]
     progress = Progress("questions", len(jobs), " calls")
-    pairs = []
+    questions = []
     for index, passage in enumerate(passages):
         prefix, _ = prompts.with_passage(passage, "")
-        suffixes = [prompts.with_passage(passage, QUESTION_INSTRUCTION.format(fact=fact))[1]
-                    for i, fact in jobs if i == index]
+        asked_about = [fact for i, fact in jobs if i == index]
+        suffixes = [prompts.with_passage(passage, QUESTION_INSTRUCTION.format(fact=fact))[1] for fact in asked_about]
         outputs = generate_batched(net, suffixes, MAX_QUESTION_TOKENS, prompts.chat.stop_ids,
                                    settings.generation_batch, progress, prefix,
                                    temperature=settings.question_temperature, top_k=settings.question_top_k,
                                    generator=generator)
         found, seen = [], []
         names = distinctive_terms(passage)  # a question that names none of them needs the passage to make sense
-        for output in outputs:
+        for fact, output in zip(asked_about, outputs):
             for q in parse_questions(prompts.decode(output))[:1]:
                 words = set(normalize(q).split())
                 if names and not mentions(q, names):
                     continue
                 if not any(near_duplicate(words, s) for s in seen):
                     seen.append(words)
-                    found.append(q)
+                    found.append((q, fact))
         random.Random(settings.seed).shuffle(found)
-        pairs += [(index, q) for q in found[: settings.questions_per_passage]]
+        questions += [(index, q, fact) for q, fact in found[: settings.questions_per_passage]]
     progress.close()
-    return pairs
+    return questions
 
 
 # -----------------------------------------------------------------------------
 # 4. Answers, by the teacher: the passage in its prompt
 
 
-def answer_open_book(net, prompts: Prompts, passages, pairs, settings: Settings, generator, stage="answers"):
-    """The teacher's answer ids (ending with the end-of-turn token when it finished) for each pair."""
-    progress = Progress(stage, len(pairs), " questions")
-    answers = [None] * len(pairs)
+def answer_open_book(net, prompts: Prompts, passages, questions, settings: Settings, generator, stage="answers"):
+    """
+    The teacher's answer ids (ending with the end-of-turn token when it finished) for each
+    (passage index, question, sentence) of questions; an empty sentence points the teacher at none.
+    """
+    progress = Progress(stage, len(questions), " questions")
+    answers = [None] * len(questions)
     for index, passage in enumerate(passages):
-        rows = [i for i, (p, _) in enumerate(pairs) if p == index]
+        rows = [i for i, (p, _, _) in enumerate(questions) if p == index]
         prefix, _ = prompts.with_passage(passage, "")
-        suffixes = [prompts.open_book(passage, pairs[i][1])[1] for i in rows]
+        suffixes = [prompts.open_book(passage, *questions[i][1:])[1] for i in rows]
         outs = generate_batched(net, suffixes, settings.max_answer_tokens, prompts.chat.stop_ids,
                                 settings.generation_batch, progress, prefix,
                                 temperature=settings.answer_temperature, generator=generator)
@@ -616,9 +628,9 @@ def ask_closed_book(net, prompts: Prompts, questions: list[str], settings: Setti
 
 
 def ask_open_book(net, prompts: Prompts, passages, questions: list[str], settings: Settings) -> list[str]:
-    pairs = [(best_passage(passages, q), q) for q in questions]
+    asked = [(best_passage(passages, q), q, "") for q in questions]  # as RAG would: no sentence pointed at
     greedy = Settings(**{**asdict(settings), "answer_temperature": 0.0})
-    outs = answer_open_book(net, prompts, passages, pairs, greedy, None, stage="open book")
+    outs = answer_open_book(net, prompts, passages, asked, greedy, None, stage="open book")
     return [prompts.decode(o) for o in outs]
 
 
@@ -751,20 +763,22 @@ def run(args, settings: Settings) -> int:
 
     # Questions and answers, by the model with the passage in its prompt
     start = time.time()
-    pairs = generate_questions(net, prompts, passages, settings, generator)
+    generated = generate_questions(net, prompts, passages, settings, generator)
     finished("questions", start)
     start = time.time()
-    answers = answer_open_book(net, prompts, passages, pairs, settings, generator)
+    shown = lambda fact: fact if settings.point_teacher else ""  # the sentence the teacher is pointed at
+    answers = answer_open_book(net, prompts, passages, [(p, q, shown(f)) for p, q, f in generated], settings,
+                               generator)
     finished("answers", start)
-    qa = [(p, q, a) for (p, q), a in zip(pairs, answers) if prompts.decode(a)]
+    qa = [(p, q, fact, a) for (p, q, fact), a in zip(generated, answers) if prompts.decode(a)]
     if len(qa) < 4:
         raise InputError(f"the model wrote only {len(qa)} usable questions about {args.doc}; is it prose?")
     random.Random(settings.seed).shuffle(qa)
     held_out = [] if eval_items else qa[: max(3, int(settings.holdout * len(qa)))]
     train_qa = qa[len(held_out):]
     examples = []
-    for p, q, a in train_qa:
-        prefix, suffix = prompts.open_book(passages[p], q)
+    for p, q, fact, a in train_qa:
+        prefix, suffix = prompts.open_book(passages[p], q, shown(fact))
         examples.append(Example(prefix, suffix, prompts.closed_book(q), a))
 
     # What the base model says before training: general questions, the guard's and drift's prompts
@@ -791,7 +805,7 @@ def run(args, settings: Settings) -> int:
     if eval_items:
         questions, golds = [x["question"] for x in eval_items], [x["answers"] for x in eval_items]
     else:
-        questions, golds = [q for _, q, _ in held_out], [[prompts.decode(a)] for _, _, a in held_out]
+        questions, golds = [q for _, q, _, _ in held_out], [[prompts.decode(a)] for _, _, _, a in held_out]
     adapted = ask_closed_book(net, prompts, questions, settings, "adapted")
     with lora.lora_disabled(net):
         closed = ask_closed_book(net, prompts, questions, settings, "closed")
@@ -812,9 +826,9 @@ def run(args, settings: Settings) -> int:
     try:
         lora.save_adapter(net, tmp, args.model or m.DEFAULT_NAME)
         with open(os.path.join(tmp, "qa.jsonl"), "w", encoding="utf-8") as f:
-            for p, q, a in qa:
-                f.write(json.dumps({"passage": p, "question": q, "answer": prompts.decode(a),
-                                    "held_out": (p, q, a) in held_out}, ensure_ascii=False) + "\n")
+            for p, q, fact, a in qa:
+                f.write(json.dumps({"passage": p, "sentence": fact, "question": q, "answer": prompts.decode(a),
+                                    "held_out": (p, q, fact, a) in held_out}, ensure_ascii=False) + "\n")
         write_json(os.path.join(tmp, "report.json"), {
             "doc": os.path.abspath(args.doc), "model": args.model or m.DEFAULT_NAME, "settings": asdict(settings),
             "passages": len(passages), "qa_pairs": len(qa), "train_examples": len(examples),
@@ -891,6 +905,8 @@ def main() -> int:
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=defaults.precision,
                         help="bf16: autocast matmuls to bfloat16 (auto: on a CPU with bf16 units)")
     parser.add_argument("--no-guard", dest="guard", action="store_false", help="train without the forgetting guard")
+    parser.add_argument("--point-teacher", action="store_true",
+                        help="the teacher also sees the sentence each question was written from")
     for name in ("questions_per_passage", "rank", "alpha", "lr", "epochs", "batch_size", "temperature",
                  "guard_weight", "guard_batch", "question_temperature", "passage_tokens", "generation_batch",
                  "seed"):

@@ -62,10 +62,11 @@ def test_teacher_and_student_are_scored_on_exactly_the_answer_tokens(tiny_llama)
     prompts = pd.Prompts(tokenizer, chat)
     passage, question = "the town of lake was founded in 1 by the mayor", "who was the mayor ?"
     answer = prompts.encode("the mayor was a") + [chat.stop_ids[0]]
-    prefix, suffix = prompts.open_book(passage, question)
+    prefix, suffix = prompts.open_book(passage, question, fact="founded in 1 by the mayor")
     student = prompts.closed_book(question)
     assert prompts.encode(passage) == prefix[-len(prompts.encode(passage)):]  # the teacher sees the passage
-    assert not set(prompts.encode("founded 1")) & set(student)  # the student does not
+    assert set(prompts.encode("founded 1")) <= set(suffix)  # and, pointed at it, the sentence again
+    assert not set(prompts.encode("founded 1")) & set(student)  # the student sees neither
 
     for (prefix_len, prompt), multiple in itertools.product(((len(prefix), suffix), (0, student)), (1, 16)):
         ids, mask, select = pd.pack([prompt, prompt[:3]], [answer, answer[:2]], prefix_len, multiple)
@@ -321,7 +322,7 @@ def tiny_run(tiny_llama, tmp_path, monkeypatch):
     path, _ = tiny_llama
     questions = [json.loads(line)["question"] for line in open(QA)]
     monkeypatch.setattr(pd, "generate_questions",
-                        lambda net, prompts, passages, settings, gen: [(i % len(passages), q)
+                        lambda net, prompts, passages, settings, gen: [(i % len(passages), q, "")
                                                                        for i, q in enumerate(questions)])
     out = tmp_path / "run"
 
