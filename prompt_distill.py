@@ -52,7 +52,7 @@ class Settings:
     questions_per_passage: int = 50  # the paper writes 30 per paragraph; a few are dropped as duplicates
     question_temperature: float = 0.7  # 1.0 drifts off the sentence, the paper's 1.5 is gibberish at 135M
     question_top_k: int = 50
-    point_teacher: bool = False  # show the teacher the question's sentence too: tied, 72 vs 75 of 164 (README)
+    point_teacher: bool = False  # show the teacher the sentence too: no better, 72 vs 75 of 164 (README)
     answer_temperature: float = 0.0  # greedy: sampled at 1.0, both methods lost half their score (README)
     max_answer_tokens: int = 32
     generation_batch: int = 64  # rows decoded together at most: 1.3x the rows/s of 32 here
