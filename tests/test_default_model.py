@@ -98,4 +98,4 @@ def test_distillation_smoke_run_on_the_real_model_lowers_the_loss(default_model_
     assert report["loss_last_epoch"] < 0.8 * report["loss_first_epoch"]
     document = open(os.path.join(root, "data", "lake_town.txt"), encoding="utf-8").read()
     pairs = [json.loads(line) for line in open(out / "qa.jsonl")]
-    assert all(p["sentence"] and p["sentence"] in document for p in pairs)  # what the teacher was pointed at
+    assert all(p["sentence"] and p["sentence"] in document for p in pairs)  # the sentence each question came from
