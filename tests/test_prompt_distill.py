@@ -206,6 +206,18 @@ def test_is_correct_needs_the_normalised_gold_inside_the_answer():
     assert pd.is_correct("It was founded in 1,847? No: 1847.", ["1847"])
 
 
+def test_a_pair_states_an_answer_only_when_its_question_does_not_hand_it_over():
+    golds = [["Odessa Marchbank"], ["1782"], ["Patient Gull"]]
+    pairs = [("Who is the mayor?", "The mayor is Odessa Marchbank."),
+             ("Is Odessa Marchbank the mayor?", "Odessa Marchbank is the mayor."),  # the question holds it
+             ("When was the town founded?", "It was founded in 1782."),
+             ("Who leads the town?", "Odessa Marchbank leads it.")]
+    assert pd.pairs_stating(golds, pairs) == [2, 1, 0]
+    opened, adapted = ["Odessa Marchbank", "in 1782", "the Patient Gull"], ["Odessa Marchbank", "1790", "no idea"]
+    rows = pd.coverage_table([2, 1, 0], golds, opened, adapted, "distilled")
+    assert rows[1:] == [("0", 1, 1, 0), ("1-2", 2, 2, 1), ("3-5", 0, 0, 0), ("6 or more", 0, 0, 0)]
+
+
 # The forgetting measures
 
 def test_leakage_finds_a_planted_name_and_ignores_names_in_the_question():
@@ -341,7 +353,7 @@ def test_end_to_end_on_a_tiny_model_writes_adapter_qa_and_report(tiny_run, tiny_
     assert set(report["accuracy"]) == {"closed_book", "open_book", "distilled"}
     assert {"retention_base", "retention_adapted", "leakage_base", "leakage_adapted", "drift"} <= set(report["forgetting"])
     assert len(report["eval"]) == sum(1 for _ in open(QA))
-    assert {"question", "answers", "closed_book", "open_book", "distilled"} == set(report["eval"][0])
+    assert {"question", "answers", "closed_book", "open_book", "distilled", "pairs_stating_answer"} == set(report["eval"][0])
     net, _, _ = m.load(tiny_llama[0])
     lora.load_adapter(net, str(out))  # the saved adapter loads back
     assert [p for p in os.listdir(out.parent) if "partial" in p] == []
