@@ -164,6 +164,7 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> dict:
     with torch.no_grad():
         for key, p in params.items():
             if p.shape != tensors[key].shape:
-                raise ValueError(f"load_adapter: {key} has shape {tuple(tensors[key].shape)}, model wants {tuple(p.shape)}")
+                raise ValueError(f"load_adapter: {key} has shape {tuple(tensors[key].shape)}, "
+                                 f"model wants {tuple(p.shape)}")
             p.copy_(tensors[key])
     return config

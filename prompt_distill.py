@@ -4,7 +4,7 @@ Knowledge injection via prompt distillation (Kujanpaa et al., arXiv 2412.14964),
     python prompt_distill.py --doc notes.txt --eval notes.qa.jsonl
 
 1. The model, with a passage of the document in its prompt, writes questions about its sentences and
-   answers them.
+   answers them; then more questions about the sentences that few of its answers state.
 2. A student (the same frozen model plus a LoRA adapter) that does NOT see the passage is trained to
    match the teacher's (adapters off, passage in the prompt) full next-token distributions on the answer
    tokens, with a temperature-scaled KL loss. One model in memory is both: lora_disabled() is the teacher.
@@ -16,6 +16,7 @@ document and nothing else.
 """
 
 import argparse
+import collections
 import ctypes
 import functools
 import json
@@ -53,6 +54,8 @@ class Settings:
     question_temperature: float = 0.7  # 1.0 drifts off the sentence, the paper's 1.5 is gibberish at 135M
     question_top_k: int = 50
     point_teacher: bool = False  # show the teacher the sentence too: no better, 72 vs 75 of 164 (README)
+    pairs_per_fact: int = 6  # ask again about sentences fewer pairs state: 86 vs 75 of 164; 0: pairs as written
+    top_up_rounds: int = 2
     answer_temperature: float = 0.0  # greedy: sampled at 1.0, both methods lost half their score (README)
     max_answer_tokens: int = 32
     generation_batch: int = 64  # rows decoded together at most: 1.3x the rows/s of 32 here
@@ -318,29 +321,44 @@ def generate_questions(net, prompts: Prompts, passages, settings: Settings, gene
         per_fact = math.ceil(1.5 * settings.questions_per_passage / len(sentences))  # some are dropped
         jobs += [(index, fact) for fact in sentences for _ in range(per_fact)]
     progress = Progress("questions", len(jobs), " calls")
+    written = write_questions(net, prompts, passages, jobs, settings, generator, progress, seen={})
+    progress.close()
     questions = []
+    for index in range(len(passages)):
+        found = [(q, fact) for i, q, fact in written if i == index]
+        random.Random(settings.seed).shuffle(found)
+        questions += [(index, q, fact) for q, fact in found[: settings.questions_per_passage]]
+    return questions
+
+
+def write_questions(net, prompts: Prompts, passages, jobs, settings: Settings, generator, progress,
+                    seen: dict) -> list[tuple[int, str, str]]:
+    """
+    One call per job (passage index, sentence); each call gives at most one question. seen holds the
+    words of the questions already kept, by passage index, and grows: a near-duplicate is dropped.
+    """
+    written = []
     for index, passage in enumerate(passages):
-        prefix, _ = prompts.with_passage(passage, "")
         asked_about = [fact for i, fact in jobs if i == index]
+        if not asked_about:
+            continue
+        prefix, _ = prompts.with_passage(passage, "")
         suffixes = [prompts.with_passage(passage, QUESTION_INSTRUCTION.format(fact=fact))[1] for fact in asked_about]
         outputs = generate_batched(net, suffixes, MAX_QUESTION_TOKENS, prompts.chat.stop_ids,
                                    settings.generation_batch, progress, prefix,
                                    temperature=settings.question_temperature, top_k=settings.question_top_k,
                                    generator=generator)
-        found, seen = [], []
+        kept = seen.setdefault(index, [])
         names = distinctive_terms(passage)  # a question that names none of them needs the passage to make sense
         for fact, output in zip(asked_about, outputs):
             for q in parse_questions(prompts.decode(output))[:1]:
                 words = set(normalize(q).split())
                 if names and not mentions(q, names):
                     continue
-                if not any(near_duplicate(words, s) for s in seen):
-                    seen.append(words)
-                    found.append((q, fact))
-        random.Random(settings.seed).shuffle(found)
-        questions += [(index, q, fact) for q, fact in found[: settings.questions_per_passage]]
-    progress.close()
-    return questions
+                if not any(near_duplicate(words, s) for s in kept):
+                    kept.append(words)
+                    written.append((index, q, fact))
+    return written
 
 
 # -----------------------------------------------------------------------------
@@ -365,6 +383,66 @@ def answer_open_book(net, prompts: Prompts, passages, questions, settings: Setti
             answers[i] = out
     progress.close()
     return answers
+
+
+def shown(fact: str, settings: Settings) -> str:
+    """The sentence the teacher is pointed at: none, unless point_teacher."""
+    return fact if settings.point_teacher else ""
+
+
+# -----------------------------------------------------------------------------
+# 4b. More questions where few pairs state a fact. The student learns what the pairs state: of the gold
+# questions whose answer no training pair stated it got 0 of 23 right; of those six or more stated, 38
+# of 50 (README). The small model keeps asking about some sentences and skips others, so we count, for
+# each sentence, the pairs that state one of its facts, and ask again about those short of pairs_per_fact.
+
+
+def fact_words(document: str) -> set[str]:
+    """
+    The words that name one fact of the document: its names and numbers, and the words found in only one
+    of its sentences ("ferryman", "nine"; not "town", which many sentences use).
+    """
+    counts = collections.Counter(w for sentence in facts(document)
+                                 for w in set(normalize(sentence).split()) - STOPWORDS)
+    return {w for w, n in counts.items() if n == 1} | {normalize(t) for t in distinctive_terms(document)}
+
+
+def stated(question: str, answer: str, words: set[str]) -> set[str]:
+    """
+    The fact words an answer names and its question does not: what the pair teaches. "Is Odessa Marchbank
+    the mayor?" answered "Odessa Marchbank is the mayor." teaches nothing; about a fifth of the pairs are
+    like that, and they are dropped.
+    """
+    return (set(normalize(answer).split()) - set(normalize(question).split())) & words
+
+
+def top_up(net, prompts: Prompts, passages, qa: list, words: set[str], settings: Settings, generator) -> list:
+    """
+    qa, the (passage index, question, sentence, answer ids) pairs, with more pairs about the sentences
+    that fewer than pairs_per_fact pairs state: two calls per missing pair, since fewer than half the
+    calls give a new pair that states something; at most 12 per sentence, in top_up_rounds rounds.
+    """
+    for number in range(1, settings.top_up_rounds + 1):
+        jobs = []
+        for index, passage in enumerate(passages):
+            pairs = [(q, prompts.decode(a)) for p, q, _, a in qa if p == index]
+            for sentence in facts(passage) or [passage]:
+                its_words = words & set(normalize(sentence).split())
+                have = sum(bool(stated(q, a, its_words)) for q, a in pairs)
+                if its_words and have < settings.pairs_per_fact:
+                    jobs += [(index, sentence)] * min(12, 2 * (settings.pairs_per_fact - have))
+        if not jobs:
+            break
+        seen = {}
+        for p, q, _, _ in qa:
+            seen.setdefault(p, []).append(set(normalize(q).split()))
+        progress = Progress(f"top-up {number}", len(jobs), " calls")
+        written = write_questions(net, prompts, passages, jobs, settings, generator, progress, seen)
+        progress.close()
+        answers = answer_open_book(net, prompts, passages, [(p, q, shown(f, settings)) for p, q, f in written],
+                                   settings, generator, stage=f"answers {number}")
+        qa = qa + [(p, q, f, a) for (p, q, f), a in zip(written, answers) if prompts.decode(a)]
+    return qa
 
 
 # -----------------------------------------------------------------------------
@@ -786,11 +864,16 @@ def run(args, settings: Settings) -> int:
     generated = generate_questions(net, prompts, passages, settings, generator)
     finished("questions", start)
     start = time.time()
-    shown = lambda fact: fact if settings.point_teacher else ""  # the sentence the teacher is pointed at
-    answers = answer_open_book(net, prompts, passages, [(p, q, shown(f)) for p, q, f in generated], settings,
-                               generator)
+    answers = answer_open_book(net, prompts, passages, [(p, q, shown(f, settings)) for p, q, f in generated],
+                               settings, generator)
     finished("answers", start)
     qa = [(p, q, fact, a) for (p, q, fact), a in zip(generated, answers) if prompts.decode(a)]
+    if settings.pairs_per_fact:
+        start = time.time()
+        words = fact_words(document)
+        qa = top_up(net, prompts, passages, qa, words, settings, generator)
+        qa = [(p, q, fact, a) for p, q, fact, a in qa if stated(q, prompts.decode(a), words)]
+        finished("top-up", start)
     if len(qa) < 4:
         raise InputError(f"the model wrote only {len(qa)} usable questions about {args.doc}; is it prose?")
     random.Random(settings.seed).shuffle(qa)
@@ -798,7 +881,7 @@ def run(args, settings: Settings) -> int:
     train_qa = qa[len(held_out):]
     examples = []
     for p, q, fact, a in train_qa:
-        prefix, suffix = prompts.open_book(passages[p], q, shown(fact))
+        prefix, suffix = prompts.open_book(passages[p], q, shown(fact, settings))
         examples.append(Example(prefix, suffix, prompts.closed_book(q), a))
 
     # What the base model says before training: general questions, the guard's and drift's prompts
@@ -937,7 +1020,7 @@ def main() -> int:
                         help="the teacher also sees the sentence each question was written from")
     for name in ("questions_per_passage", "rank", "alpha", "lr", "epochs", "batch_size", "temperature",
                  "guard_weight", "guard_batch", "question_temperature", "passage_tokens", "generation_batch",
-                 "seed"):
+                 "pairs_per_fact", "top_up_rounds", "seed"):
         parser.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)),
                             default=getattr(defaults, name))
     args = parser.parse_args()

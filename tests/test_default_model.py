@@ -91,11 +91,13 @@ def test_distillation_smoke_run_on_the_real_model_lowers_the_loss(default_model_
     monkeypatch.setattr(sys, "argv", [
         "prompt_distill.py", "--doc", os.path.join(root, "data", "lake_town.txt"), "--model", default_model_dir,
         "--out", str(out), "--questions-per-passage", "4", "--epochs", "3", "--batch-size", "4",
-        "--lr", "2e-3", "--no-guard"])
+        "--lr", "2e-3", "--no-guard", "--pairs-per-fact", "1", "--top-up-rounds", "1"])
     assert pd.main() == 0
     report = json.load(open(out / "report.json"))
-    assert report["qa_pairs"] >= 8
+    assert report["qa_pairs"] >= 8 and "top-up" in report["seconds"]
     assert report["loss_last_epoch"] < 0.8 * report["loss_first_epoch"]
     document = open(os.path.join(root, "data", "lake_town.txt"), encoding="utf-8").read()
     pairs = [json.loads(line) for line in open(out / "qa.jsonl")]
     assert all(p["sentence"] and p["sentence"] in document for p in pairs)  # the sentence each question came from
+    words = pd.fact_words(document)
+    assert all(pd.stated(p["question"], p["answer"], words) for p in pairs)  # the pairs that teach nothing are gone

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -174,7 +175,8 @@ def test_parse_questions_strips_numbering_and_drops_non_questions():
     text = ("1. Who founded the town of Velmora?\n2) In what year was the Velmora bridge built?\n"
             "Here are some questions:\n- What does the text say about the mayor?\nWhy?\n"
             "* How many people live in Velmora?")
-    assert pd.parse_questions(text) == ["Who founded the town of Velmora?", "In what year was the Velmora bridge built?",
+    assert pd.parse_questions(text) == ["Who founded the town of Velmora?",
+                                        "In what year was the Velmora bridge built?",
                                         "How many people live in Velmora?"]
 
 
@@ -216,6 +218,37 @@ def test_a_pair_states_an_answer_only_when_its_question_does_not_hand_it_over():
     opened, adapted = ["Odessa Marchbank", "in 1782", "the Patient Gull"], ["Odessa Marchbank", "1790", "no idea"]
     rows = pd.coverage_table([2, 1, 0], golds, opened, adapted, "distilled")
     assert rows[1:] == [("0", 1, 1, 0), ("1-2", 2, 2, 1), ("3-5", 0, 0, 0), ("6 or more", 0, 0, 0)]
+
+
+# More questions where few pairs state a fact
+
+PASSAGE = "Odessa Marchbank is the mayor of Quillmere. The ferry to Pellow Island runs nine times a day."
+MAYOR, FERRY = PASSAGE.split(". ")[0] + ".", PASSAGE.split(". ")[1]
+
+
+def test_a_pair_teaches_the_fact_words_its_answer_adds_to_its_question():
+    words = pd.fact_words(PASSAGE)
+    assert {"odessa", "marchbank", "mayor", "ferry", "nine"} <= words and "the" not in words
+    assert pd.stated("Who is the mayor of Quillmere?", "Odessa Marchbank.", words) == {"odessa", "marchbank"}
+    assert pd.stated("Is Odessa Marchbank the mayor?", "Odessa Marchbank is the mayor.", words) == set()
+
+
+def test_top_up_asks_again_about_the_sentences_that_few_pairs_state(monkeypatch):
+    qa = [(0, f"Who is mayor number {i}?", MAYOR, "Odessa Marchbank.") for i in range(6)]  # 6 state the mayor
+    calls = []
+
+    def write_questions(net, prompts, passages, jobs, settings, generator, progress, seen):
+        calls.append((list(jobs), len(seen[0])))
+        return [(0, f"How often does the ferry run, take {len(calls)}.{i}?", FERRY) for i in range(3)]
+    monkeypatch.setattr(pd, "write_questions", write_questions)
+    monkeypatch.setattr(pd, "answer_open_book", lambda net, prompts, passages, asked, *a, **k:
+                        ["Nine times a day."] * len(asked))
+    text = types.SimpleNamespace(decode=lambda answer: answer)  # answers are text here, not ids
+    settings = pd.Settings(pairs_per_fact=6, top_up_rounds=3)
+    grown = pd.top_up(None, text, [PASSAGE], qa, pd.fact_words(PASSAGE), settings, None)
+    # two calls per missing pair: 6 missing, then 3; after the second round the ferry has its 6 pairs
+    assert calls == [([(0, FERRY)] * 12, 6), ([(0, FERRY)] * 6, 9)]
+    assert grown[:6] == qa and len(grown) == 12 and all(f == FERRY for _, _, f, _ in grown[6:])
 
 
 # The forgetting measures
@@ -327,7 +360,8 @@ def test_existing_adapter_is_not_overwritten(tmp_path):
     assert (out / "adapter_config.json").read_text() == "{}"
 
 
-# End to end on a tiny random model. It cannot write questions, so the gold questions stand in.
+# End to end on a tiny random model. It cannot write questions, so the gold questions stand in; its random
+# answers state no fact of the document, so they are kept as written (--pairs-per-fact 0).
 
 @pytest.fixture
 def tiny_run(tiny_llama, tmp_path, monkeypatch):
@@ -340,7 +374,7 @@ def tiny_run(tiny_llama, tmp_path, monkeypatch):
 
     def run(*extra):
         monkeypatch.setattr(sys, "argv", ["prompt_distill.py", "--doc", DOC, "--model", path, "--out", str(out),
-                                          "--epochs", "1", "--batch-size", "4", *extra])
+                                          "--epochs", "1", "--batch-size", "4", "--pairs-per-fact", "0", *extra])
         return pd.main()
     return run, out
 
@@ -351,7 +385,8 @@ def test_end_to_end_on_a_tiny_model_writes_adapter_qa_and_report(tiny_run, tiny_
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "qa.jsonl", "report.json"]
     report = json.load(open(out / "report.json"))
     assert set(report["accuracy"]) == {"closed_book", "open_book", "distilled"}
-    assert {"retention_base", "retention_adapted", "leakage_base", "leakage_adapted", "drift"} <= set(report["forgetting"])
+    forgetting = {"retention_base", "retention_adapted", "leakage_base", "leakage_adapted", "drift"}
+    assert forgetting <= set(report["forgetting"])
     assert len(report["eval"]) == sum(1 for _ in open(QA))
     assert set(report["eval"][0]) == {"question", "answers", "closed_book", "open_book", "distilled",
                                       "pairs_stating_answer"}
