@@ -298,6 +298,11 @@ def normalize(text: str) -> str:
     return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
 
 
+def word_set(text: str) -> set[str]:
+    """The normalized words of text: what near-duplicates, fact words and passage matches compare."""
+    return set(normalize(text).split())
+
+
 def near_duplicate(a: set, b: set) -> bool:
     return len(a & b) / max(1, len(a | b)) > 0.7
 
@@ -352,7 +357,7 @@ def write_questions(net, prompts: Prompts, passages, jobs, settings: Settings, g
         names = distinctive_terms(passage)  # a question that names none of them needs the passage to make sense
         for fact, output in zip(asked_about, outputs):
             for q in parse_questions(prompts.decode(output))[:1]:
-                words = set(normalize(q).split())
+                words = word_set(q)
                 if names and not mentions(q, names):
                     continue
                 if not any(near_duplicate(words, s) for s in kept):
@@ -403,7 +408,7 @@ def fact_words(document: str) -> set[str]:
     of its sentences ("ferryman", "nine"; not "town", which many sentences use).
     """
     counts = collections.Counter(w for sentence in facts(document)
-                                 for w in set(normalize(sentence).split()) - STOPWORDS)
+                                 for w in word_set(sentence) - STOPWORDS)
     return {w for w, n in counts.items() if n == 1} | {normalize(t) for t in distinctive_terms(document)}
 
 
@@ -413,7 +418,7 @@ def stated(question: str, answer: str, words: set[str]) -> set[str]:
     the mayor?" answered "Odessa Marchbank is the mayor." teaches nothing; about a fifth of the pairs are
     like that, and they are dropped.
     """
-    return (set(normalize(answer).split()) - set(normalize(question).split())) & words
+    return (word_set(answer) - word_set(question)) & words
 
 
 def top_up(net, prompts: Prompts, passages, qa: list, words: set[str], settings: Settings, generator) -> list:
@@ -427,7 +432,7 @@ def top_up(net, prompts: Prompts, passages, qa: list, words: set[str], settings:
         for index, passage in enumerate(passages):
             pairs = [(q, prompts.decode(a)) for p, q, _, a in qa if p == index]
             for sentence in facts(passage) or [passage]:
-                its_words = words & set(normalize(sentence).split())
+                its_words = words & word_set(sentence)
                 have = sum(bool(stated(q, a, its_words)) for q, a in pairs)
                 if its_words and have < settings.pairs_per_fact:
                     jobs += [(index, sentence)] * min(12, 2 * (settings.pairs_per_fact - have))
@@ -435,7 +440,7 @@ def top_up(net, prompts: Prompts, passages, qa: list, words: set[str], settings:
             break
         seen = {}
         for p, q, _, _ in qa:
-            seen.setdefault(p, []).append(set(normalize(q).split()))
+            seen.setdefault(p, []).append(word_set(q))
         progress = Progress(f"top-up {number}", len(jobs), " calls")
         written = write_questions(net, prompts, passages, jobs, settings, generator, progress, seen)
         progress.close()
@@ -713,8 +718,8 @@ def token_f1(answer: str, gold: str) -> float:
 
 def best_passage(passages: list[str], question: str) -> int:
     """For open book with a long document: the passage that shares the most words with the question."""
-    words = set(normalize(question).split()) - STOPWORDS
-    return max(range(len(passages)), key=lambda i: len(words & set(normalize(passages[i]).split())))
+    words = word_set(question) - STOPWORDS
+    return max(range(len(passages)), key=lambda i: len(words & word_set(passages[i])))
 
 
 def ask_closed_book(net, prompts: Prompts, questions: list[str], settings: Settings, stage: str) -> list[str]:
