@@ -755,17 +755,29 @@ def distinctive_terms(document: str) -> set[str]:
     return names | numbers
 
 
+def leak_terms(document: str, count_tokens) -> set[str]:
+    """
+    The names and numbers that give the document away in an unrelated answer: distinctive_terms, less
+    the names that the model's tokenizer keeps whole. Those are common words ("Blue" of "Blue Hour",
+    "Museum", "However" at a sentence's start); an invented or rare name comes in pieces (" Quillmere").
+    """
+    terms = {t.removesuffix("'s") for t in distinctive_terms(document)}  # "Quell's" is Quell
+    return {t for t in terms if t[0].isdigit() or ("'" not in t and count_tokens(" " + t) > 1)}
+
+
 def mentions(text: str, terms: set[str]) -> set[str]:
     """The terms that appear in text as whole words; a number inside a longer one ("25" in "365.25") does not."""
     return {t for t in terms if re.search(rf"(?<![\w.,]){re.escape(t)}(?![\w]|[.,]\d)", text)}
 
 
-def leaks(answer: str, question: str, terms: set[str]) -> list[str]:
+def leaks(answer: str, question: str, terms: set[str], base_answer: str = "") -> list[str]:
     """
     The document's names and numbers in an answer, leaving out those that the question itself names, in
-    any case: a document's "Minnow River" makes "River" a name, but "the longest river?" asks for one.
+    any case (a document's "Minnow River" makes "River" a name, but "the longest river?" asks for one),
+    and those in the base model's answer, which never saw the document ("the blue whale, 30 meters").
     """
-    return sorted(t for t in mentions(answer, terms) if t.lower() not in question.lower())
+    said = mentions(base_answer, terms)
+    return sorted(t for t in mentions(answer, terms) - said if t.lower() not in question.lower())
 
 
 @torch.no_grad()
@@ -823,7 +835,7 @@ def load_general(settings: Settings):
 
 def forgetting_report(net, prompts: Prompts, document: str, general_qa, drift_prompts, base_answers,
                       settings: Settings) -> dict:
-    terms = distinctive_terms(document)
+    terms = leak_terms(document, lambda text: len(prompts.encode(text)))
     questions = [x["question"] for x in general_qa]
     after = ask_closed_book(net, prompts, questions, settings, "retention")
     report = {"retention_base": 0.0, "retention_adapted": 0.0, "leakage_base": 0.0, "leakage_adapted": 0.0}
@@ -831,11 +843,11 @@ def forgetting_report(net, prompts: Prompts, document: str, general_qa, drift_pr
         report["retention_base"] += is_correct(before, x["answers"]) / len(general_qa)
         report["retention_adapted"] += is_correct(now, x["answers"]) / len(general_qa)
         report["leakage_base"] += bool(leaks(before, x["question"], terms)) / len(general_qa)
-        report["leakage_adapted"] += bool(leaks(now, x["question"], terms)) / len(general_qa)
+        report["leakage_adapted"] += bool(leaks(now, x["question"], terms, before)) / len(general_qa)
     report["drift"] = drift(net, [(prompts.closed_book(p), a) for p, a in zip(drift_prompts, base_answers["drift"])])
     report["general_answers"] = [
         {"question": x["question"], "answers": x["answers"], "base": b, "adapted": a,
-         "leaked": leaks(a, x["question"], terms)} for x, b, a in zip(general_qa, base_answers["general_qa"], after)]
+         "leaked": leaks(a, x["question"], terms, b)} for x, b, a in zip(general_qa, base_answers["general_qa"], after)]
     return report
 
 

@@ -81,6 +81,16 @@ def test_end_of_turn_stops_generation(default_model):
     assert new[-1] in chat.stop_ids and "Paris" in tokenizer.decode(new)
 
 
+def test_leak_terms_with_the_real_tokenizer_drop_common_words(default_model):
+    import prompt_distill as pd
+    _, tokenizer, _ = default_model
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "data", "kelvaran_expedition.txt"), encoding="utf-8") as f:
+        terms = pd.leak_terms(f.read(), lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids))
+    assert {"Ystrel", "Kelvaran", "Palmqvarn", "Gannet", "1978", "30"} <= terms
+    assert not {"Blue", "Museum", "June", "Celsius", "Stone"} & terms
+
+
 def test_distillation_smoke_run_on_the_real_model_lowers_the_loss(default_model_dir, tmp_path, monkeypatch):
     """A few questions and steps of the real pipeline on the default model: the KL loss must fall."""
     import json

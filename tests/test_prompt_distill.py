@@ -266,6 +266,24 @@ def test_leakage_finds_a_planted_name_and_ignores_names_in_the_question():
     assert pd.leaks("It was 1847. Then 25, then 8.", "When?", {"1847", "25", "8"}) == ["1847", "25", "8"]
 
 
+def test_leak_terms_drop_names_the_tokenizer_keeps_whole():
+    document = "The Blue Hour Society of Velmora met on 30 September 1847. It's Harriet Quell's."
+    pieces = {"Velmora": 3, "Quell": 2, "Harriet": 2, "It's": 3, "Quell's": 3}  # a fake tokenizer's counts
+    terms = pd.leak_terms(document, lambda text: pieces.get(text.strip(), 1))
+    assert terms == {"Velmora", "Quell", "Harriet", "1847", "30"}
+    answer = "The Blue Whale, 30 meters long."
+    assert pd.leaks(answer, "What is the largest mammal?", pd.distinctive_terms(document)) == ["30", "Blue"]
+    assert pd.leaks(answer, "What is the largest mammal?", terms) == ["30"]
+
+
+def test_leaks_leave_out_what_the_base_model_said_too():
+    terms = {"Velmora", "30", "1847"}
+    base = "The blue whale, up to 30 meters long."
+    assert pd.leaks("The blue whale of Velmora, 30 meters.", "What is the largest mammal?", terms, base) \
+        == ["Velmora"]
+    assert pd.leaks("It was 30 meters in 1847.", "How long?", terms, base) == ["1847"]
+
+
 def perturb(net) -> None:
     with torch.no_grad():
         for p in lora.lora_parameters(net):
