@@ -19,6 +19,7 @@ import argparse
 import collections
 import ctypes
 import functools
+import itertools
 import json
 import math
 import os
@@ -758,11 +759,18 @@ def distinctive_terms(document: str) -> set[str]:
 def leak_terms(document: str, count_tokens) -> set[str]:
     """
     The names and numbers that give the document away in an unrelated answer: distinctive_terms, less
-    the names that the model's tokenizer keeps whole. Those are common words ("Blue" of "Blue Hour",
-    "Museum", "However" at a sentence's start); an invented or rare name comes in pieces (" Quillmere").
+    the names that the model's tokenizer keeps whole, plus the document's names of several words. A
+    name kept whole is a common word ("Blue", "Museum", "However" at a sentence's start), but "Blue
+    Hour" is the document's; an invented or rare name comes in pieces (" Quillmere").
     """
     terms = {t.removesuffix("'s") for t in distinctive_terms(document)}  # "Quell's" is Quell
-    return {t for t in terms if t[0].isdigit() or ("'" not in t and count_tokens(" " + t) > 1)}
+    phrases = set()
+    for run in re.findall(r"[A-Z][\w'\-]*(?: [A-Z][\w'\-]*)+", document):  # "The Blue Hour Society"
+        for is_name, words in itertools.groupby(run.split(), key=lambda w: w in terms):
+            words = list(words)
+            if is_name and len(words) > 1:
+                phrases.add(" ".join(words))
+    return phrases | {t for t in terms if t[0].isdigit() or ("'" not in t and count_tokens(" " + t) > 1)}
 
 
 def mentions(text: str, terms: set[str]) -> set[str]:

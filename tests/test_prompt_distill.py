@@ -266,14 +266,15 @@ def test_leakage_finds_a_planted_name_and_ignores_names_in_the_question():
     assert pd.leaks("It was 1847. Then 25, then 8.", "When?", {"1847", "25", "8"}) == ["1847", "25", "8"]
 
 
-def test_leak_terms_drop_names_the_tokenizer_keeps_whole():
-    document = "The Blue Hour Society of Velmora met on 30 September 1847. It's Harriet Quell's."
+def test_leak_terms_drop_names_the_tokenizer_keeps_whole_but_keep_names_of_several_words():
+    document = "The Blue Hour of Velmora came on 30 September 1847. It's Harriet Quell's."
     pieces = {"Velmora": 3, "Quell": 2, "Harriet": 2, "It's": 3, "Quell's": 3}  # a fake tokenizer's counts
     terms = pd.leak_terms(document, lambda text: pieces.get(text.strip(), 1))
-    assert terms == {"Velmora", "Quell", "Harriet", "1847", "30"}
+    assert terms == {"Velmora", "Quell", "Harriet", "1847", "30", "Blue Hour"}
     answer = "The Blue Whale, 30 meters long."
     assert pd.leaks(answer, "What is the largest mammal?", pd.distinctive_terms(document)) == ["30", "Blue"]
     assert pd.leaks(answer, "What is the largest mammal?", terms) == ["30"]
+    assert pd.leaks("The Great Blue Hour.", "What is the largest ocean?", terms) == ["Blue Hour"]
 
 
 def test_leaks_leave_out_what_the_base_model_said_too():
