@@ -847,15 +847,17 @@ def forgetting_report(net, prompts: Prompts, document: str, general_qa, drift_pr
     questions = [x["question"] for x in general_qa]
     after = ask_closed_book(net, prompts, questions, settings, "retention")
     report = {"retention_base": 0.0, "retention_adapted": 0.0, "leakage_base": 0.0, "leakage_adapted": 0.0}
+    answers = []
     for x, before, now in zip(general_qa, base_answers["general_qa"], after):
+        leaked = leaks(now, x["question"], terms, before)
         report["retention_base"] += is_correct(before, x["answers"]) / len(general_qa)
         report["retention_adapted"] += is_correct(now, x["answers"]) / len(general_qa)
         report["leakage_base"] += bool(leaks(before, x["question"], terms)) / len(general_qa)
-        report["leakage_adapted"] += bool(leaks(now, x["question"], terms, before)) / len(general_qa)
+        report["leakage_adapted"] += bool(leaked) / len(general_qa)
+        answers.append({"question": x["question"], "answers": x["answers"], "base": before, "adapted": now,
+                        "leaked": leaked})
     report["drift"] = drift(net, [(prompts.closed_book(p), a) for p, a in zip(drift_prompts, base_answers["drift"])])
-    report["general_answers"] = [
-        {"question": x["question"], "answers": x["answers"], "base": b, "adapted": a,
-         "leaked": leaks(a, x["question"], terms, b)} for x, b, a in zip(general_qa, base_answers["general_qa"], after)]
+    report["general_answers"] = answers
     return report
 
 
