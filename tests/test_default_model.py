@@ -111,3 +111,4 @@ def test_distillation_smoke_run_on_the_real_model_lowers_the_loss(default_model_
     assert all(p["sentence"] and p["sentence"] in document for p in pairs)  # the sentence each question came from
     words = pd.fact_words(document)
     assert all(pd.stated(p["question"], p["answer"], words) for p in pairs)  # the pairs that teach nothing are gone
+    assert sum(p["question"].startswith(("Fill in the blank", "Complete the sentence")) for p in pairs) > 20

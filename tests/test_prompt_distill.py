@@ -251,6 +251,26 @@ def test_top_up_asks_again_about_the_sentences_that_few_pairs_state(monkeypatch)
     assert grown[:6] == qa and len(grown) == 12 and all(f == FERRY for _, _, f, _ in grown[6:])
 
 
+def test_blanks_cover_each_name_and_number_but_not_what_the_document_is_about():
+    document = ("Odessa Marchbank is the mayor of Quillmere. The ferry to Pellow Island runs 9 times a day. "
+                "Quillmere has a lake. Quillmere has a school. Quillmere has a port. It opened in 1901.")
+    asked = pd.blanked_questions([document], document)
+    assert {q for _, q, _ in asked} == {
+        'Fill in the blank: "___ is the mayor of Quillmere."',
+        'Fill in the blank: "Odessa Marchbank is the mayor of ___."',
+        'Complete the sentence: "Odessa Marchbank is the mayor of ..."',
+        'Fill in the blank: "The ferry to ___ runs 9 times a day."',
+        'Complete the sentence: "The ferry to ..."',
+        'Fill in the blank: "It opened in ___."',
+        'Complete the sentence: "It opened in ..."'}
+    assert all(p == 0 and sentence in document for p, _, sentence in asked)
+    about_quillmere = document + " Quillmere has a bell."  # now in five sentences: what the text is about
+    asked = pd.blanked_questions([about_quillmere], about_quillmere)
+    assert not any(q.endswith('mayor of ___."') for _, q, _ in asked)
+    sentence = "It was led by Dr. Lisabel Harrowmont in 1978."
+    assert pd.facts(sentence) == [sentence]  # "Dr." ends no sentence
+
+
 # The forgetting measures
 
 def test_leakage_finds_a_planted_name_and_ignores_names_in_the_question():
@@ -457,8 +477,8 @@ def test_only_a_pointed_teacher_sees_the_sentence_a_question_came_from(tiny_run,
         return train(net, examples, *args)
     monkeypatch.setattr(pd, "answer_open_book", spy_answers)
     monkeypatch.setattr(pd, "train", spy_train)
-    assert run("--no-guard", "--eval", QA) == 0
-    assert run("--no-guard", "--eval", QA, "--point-teacher", "--force") == 0
+    assert run("--no-guard", "--no-blanks", "--eval", QA) == 0
+    assert run("--no-guard", "--no-blanks", "--eval", QA, "--point-teacher", "--force") == 0
 
     # the answers' prompts, then the open-book evaluation's, in each run
     assert taught == [{""}, {""}, {sentence}, {""}]
@@ -469,3 +489,37 @@ def test_only_a_pointed_teacher_sees_the_sentence_a_question_came_from(tiny_run,
     assert teacher_prompts[0] and teacher_prompts[0] <= unpointed
     assert teacher_prompts[1] and teacher_prompts[1] <= pointed and not pointed & unpointed
     assert {json.loads(line)["sentence"] for line in open(out / "qa.jsonl")} == {sentence}  # kept either way
+
+
+def test_blanks_are_asked_of_the_teacher_and_the_pairs_that_state_a_fact_trained(tiny_run, tiny_llama, monkeypatch):
+    run, out = tiny_run
+    _, tokenizer, chat = m.load(tiny_llama[0])
+    document = open(DOC, encoding="utf-8").read()
+    answer, train, asked_blanks, trained = pd.answer_open_book, pd.train, [], []
+
+    def spy_answers(net, prompts, passages, asked, settings, generator, stage="answers"):
+        if stage == "blanks":
+            assert [(p, q) for p, q, _ in asked] == [(p, q) for p, q, _ in pd.blanked_questions(passages, document)]
+            assert {shown for _, _, shown in asked} == {""}  # the teacher sees the passage, as for any question
+            asked_blanks.extend(q for _, q, _ in asked)
+        return answer(net, prompts, passages, asked, settings, generator, stage)
+
+    def spy_train(net, examples, *args):
+        trained.extend(examples)
+        return train(net, examples, *args)
+    monkeypatch.setattr(pd, "answer_open_book", spy_answers)
+    monkeypatch.setattr(pd, "train", spy_train)
+    def stated(question, answer, words):  # the tiny model's answers state nothing: here every other blank's does
+        return {"fact"} if question in asked_blanks[::2] else set()
+    monkeypatch.setattr(pd, "stated", stated)
+    assert run("--no-guard") == 0  # no --eval: a share of the model's own questions is held out
+    stating = asked_blanks[::2]
+    assert len(stating) > 10
+    pairs = [json.loads(line) for line in open(out / "qa.jsonl")]
+    blanks = [p for p in pairs if p["question"] in asked_blanks]
+    assert [p["question"] for p in blanks] == stating and not any(p["held_out"] for p in blanks)
+    assert any(p["held_out"] for p in pairs)
+    prompts = pd.Prompts(tokenizer, chat)
+    students = [tuple(e.student) for e in trained]
+    assert len(students) == sum(not p["held_out"] for p in pairs)
+    assert {tuple(prompts.closed_book(q)) for q in stating} <= set(students)
