@@ -458,7 +458,8 @@ def top_up(net, prompts: Prompts, passages, qa: list, words: set[str], settings:
 # complete. The model's own questions skip some facts however often it is asked (README); these cover
 # every name and number of the document, and the teacher answers them from the passage like any question.
 
-NAME_OR_NUMBER = re.compile(r"[A-Z][\w'\-]*(?: (?:of |the )?[A-Z][\w'\-]*)*|\b\d[\d,.]*\d\b|\b\d\b")
+CAPITALISED_RUN = r"[A-Z][\w'\-]*(?: (?:of |the )?[A-Z][\w'\-]*)*"  # "the Museum of Lake Crafts"
+NAME_OR_NUMBER = re.compile(CAPITALISED_RUN + r"|\b\d[\d,.]*\d\b|\b\d\b")
 
 
 def blanked_questions(passages: list[str], document: str) -> list[tuple[int, str, str]]:
@@ -476,7 +477,7 @@ def blanked_questions(passages: list[str], document: str) -> list[tuple[int, str
             for match in NAME_OR_NUMBER.finditer(sentence):
                 span = match.group(0).rstrip(".,")
                 names = [w.removesuffix("'s") for w in span.split() if w.removesuffix("'s") in terms]
-                if not names or min(spread.get(w, 0) for w in names) > 4:
+                if not names or min(spread[w] for w in names) > 4:
                     continue
                 if match.start() == 0 and " " not in span:  # "Because", "Quillmere": a sentence's first word
                     continue
@@ -801,7 +802,7 @@ def leak_terms(document: str, count_tokens) -> set[str]:
     """
     terms = {t.removesuffix("'s") for t in distinctive_terms(document)}  # "Quell's" is Quell
     phrases = set()
-    for run in re.findall(r"[A-Z][\w'\-]*(?: [A-Z][\w'\-]*)+", document):  # "The Blue Hour Society"
+    for run in re.findall(CAPITALISED_RUN, document):  # "The Blue Hour Society"
         for is_name, words in itertools.groupby(run.split(), key=lambda w: w in terms):
             words = list(words)
             if is_name and len(words) > 1:
@@ -948,7 +949,7 @@ def run(args, settings: Settings) -> int:
                                    settings, generator, stage="blanks")
         qa += [(p, q, fact, a) for (p, q, fact), a in zip(asked, answers) if stated(q, prompts.decode(a), words)]
         finished("blanks", start)
-    train_qa = [pair for pair in qa if pair not in held_out]
+    train_qa = qa[len(held_out):]
     random.Random(settings.seed).shuffle(train_qa)  # the blanks among the rest
     examples = []
     for p, q, fact, a in train_qa:
@@ -1006,9 +1007,9 @@ def run(args, settings: Settings) -> int:
     try:
         lora.save_adapter(net, tmp, args.model or m.DEFAULT_NAME)
         with open(os.path.join(tmp, "qa.jsonl"), "w", encoding="utf-8") as f:
-            for p, q, fact, a in qa:
+            for i, (p, q, fact, a) in enumerate(qa):
                 f.write(json.dumps({"passage": p, "sentence": fact, "question": q, "answer": prompts.decode(a),
-                                    "held_out": (p, q, fact, a) in held_out}, ensure_ascii=False) + "\n")
+                                    "held_out": i < len(held_out)}, ensure_ascii=False) + "\n")
         write_json(os.path.join(tmp, "report.json"), {
             "doc": os.path.abspath(args.doc), "model": args.model or m.DEFAULT_NAME, "settings": asdict(settings),
             "passages": len(passages), "qa_pairs": len(qa), "train_examples": len(examples),
