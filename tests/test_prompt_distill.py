@@ -87,6 +87,19 @@ def test_prefix_and_suffix_make_the_whole_prompt(default_model):
     assert prefix + suffix == prompts.encode(whole)  # the split falls on a token boundary
 
 
+def test_a_reply_is_the_text_then_the_end_of_turn_as_the_chat_template_writes_it(default_model):
+    _, tokenizer, chat = default_model
+    prompts = pd.Prompts(tokenizer, chat)
+    question, sentence = "Fill in the blank: \"Its mayor is ___.\"", "Its mayor is Harriet Quell."
+    reply = prompts.reply(sentence)
+    assert reply[-1] in chat.stop_ids and not set(reply[:-1]) & set(chat.stop_ids)
+    assert prompts.decode(reply) == sentence
+    conversation = chat.render([{"role": "user", "content": question}, {"role": "assistant", "content": sentence}],
+                               add_generation_prompt=False)
+    assert prompts.encode(conversation)[:len(prompts.closed_book(question)) + len(reply)] == \
+        prompts.closed_book(question) + reply  # the tokens the model would have written itself
+
+
 def test_answer_logits_with_a_shared_prefix_equal_the_full_forward(tiny_llama):
     path, _ = tiny_llama
     net, _, _ = m.load(path)
@@ -491,17 +504,13 @@ def test_only_a_pointed_teacher_sees_the_sentence_a_question_came_from(tiny_run,
     assert {json.loads(line)["sentence"] for line in open(out / "qa.jsonl")} == {sentence}  # kept either way
 
 
-def test_blanks_are_asked_of_the_teacher_and_the_pairs_that_state_a_fact_trained(tiny_run, tiny_llama, monkeypatch):
-    run, out = tiny_run
-    _, tokenizer, chat = m.load(tiny_llama[0])
-    document = open(DOC, encoding="utf-8").read()
-    answer, train, asked_blanks, trained = pd.answer_open_book, pd.train, [], []
+def spy_on_answers_and_training(monkeypatch, on_answers) -> list:
+    """Calls on_answers(passages, asked, stage) on each call for the teacher's answers; returns the list
+    that the training examples are collected in."""
+    answer, train, trained = pd.answer_open_book, pd.train, []
 
     def spy_answers(net, prompts, passages, asked, settings, generator, stage="answers"):
-        if stage == "blanks":
-            assert [(p, q) for p, q, _ in asked] == [(p, q) for p, q, _ in pd.blanked_questions(passages, document)]
-            assert {shown for _, _, shown in asked} == {""}  # the teacher sees the passage, as for any question
-            asked_blanks.extend(q for _, q, _ in asked)
+        on_answers(passages, asked, stage)
         return answer(net, prompts, passages, asked, settings, generator, stage)
 
     def spy_train(net, examples, *args):
@@ -509,6 +518,22 @@ def test_blanks_are_asked_of_the_teacher_and_the_pairs_that_state_a_fact_trained
         return train(net, examples, *args)
     monkeypatch.setattr(pd, "answer_open_book", spy_answers)
     monkeypatch.setattr(pd, "train", spy_train)
+    return trained
+
+
+def test_blanks_are_asked_of_the_teacher_and_the_pairs_that_state_a_fact_trained(tiny_run, tiny_llama, monkeypatch):
+    run, out = tiny_run
+    _, tokenizer, chat = m.load(tiny_llama[0])
+    document = open(DOC, encoding="utf-8").read()
+    asked_blanks = []
+
+    def on_answers(passages, asked, stage):
+        if stage == "blanks":
+            assert [(p, q) for p, q, _ in asked] == [(p, q) for p, q, _ in pd.blanked_questions(passages, document)]
+            assert {shown for _, _, shown in asked} == {""}  # the teacher sees the passage, as for any question
+            asked_blanks.extend(q for _, q, _ in asked)
+    trained = spy_on_answers_and_training(monkeypatch, on_answers)
+
     def stated(question, answer, words):  # the tiny model's answers state nothing: here every other blank's does
         return {"fact"} if question in asked_blanks[::2] else set()
     monkeypatch.setattr(pd, "stated", stated)
@@ -523,3 +548,18 @@ def test_blanks_are_asked_of_the_teacher_and_the_pairs_that_state_a_fact_trained
     students = [tuple(e.student) for e in trained]
     assert len(students) == sum(not p["held_out"] for p in pairs)
     assert {tuple(prompts.closed_book(q)) for q in stating} <= set(students)
+
+
+def test_blanks_answered_by_their_sentence_skip_the_teachers_answers(tiny_run, tiny_llama, monkeypatch):
+    run, out = tiny_run
+    stages = []
+    trained = spy_on_answers_and_training(monkeypatch, lambda passages, asked, stage: stages.append(stage))
+    monkeypatch.setattr(pd, "stated", lambda *args: {"fact"})  # the tiny word-level tokenizer has no names
+    assert run("--no-guard", "--blank-answers", "sentence", "--eval", QA) == 0
+    assert "blanks" not in stages
+    _, tokenizer, chat = m.load(tiny_llama[0])
+    prompts = pd.Prompts(tokenizer, chat)
+    blanks = [p for p in map(json.loads, open(out / "qa.jsonl")) if p["question"].startswith("Fill in the blank")]
+    assert len(blanks) > 10 and all(p["answer"] == prompts.decode(prompts.reply(p["sentence"])) for p in blanks)
+    answers = {tuple(e.student): e.answer for e in trained}
+    assert all(answers[tuple(prompts.closed_book(p["question"]))] == prompts.reply(p["sentence"]) for p in blanks)
