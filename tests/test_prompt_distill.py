@@ -473,37 +473,6 @@ def test_ctrl_c_during_training_keeps_nothing(tiny_run, monkeypatch, capsys):
     assert "interrupted" in capsys.readouterr().err and not out.exists()
 
 
-def test_only_a_pointed_teacher_sees_the_sentence_a_question_came_from(tiny_run, tiny_llama, monkeypatch):
-    run, out = tiny_run
-    sentence = "The mayor of Quillmere is Odessa Marchbank."
-    questions = [json.loads(line)["question"] for line in open(QA)]
-    monkeypatch.setattr(pd, "generate_questions", lambda *args: [(0, q, sentence) for q in questions])
-    taught, teacher_prompts = [], []
-    answer, train = pd.answer_open_book, pd.train
-
-    def spy_answers(net, prompts, passages, asked, *args, **kwargs):
-        taught.append({fact for _, _, fact in asked})
-        return answer(net, prompts, passages, asked, *args, **kwargs)
-
-    def spy_train(net, examples, *args):
-        teacher_prompts.append({tuple(e.teacher) for e in examples})
-        return train(net, examples, *args)
-    monkeypatch.setattr(pd, "answer_open_book", spy_answers)
-    monkeypatch.setattr(pd, "train", spy_train)
-    assert run("--no-guard", "--no-blanks", "--eval", QA) == 0
-    assert run("--no-guard", "--no-blanks", "--eval", QA, "--point-teacher", "--force") == 0
-
-    # the answers' prompts, then the open-book evaluation's, in each run
-    assert taught == [{""}, {""}, {sentence}, {""}]
-    _, tokenizer, chat = m.load(tiny_llama[0])
-    prompts = pd.Prompts(tokenizer, chat)  # what follows the passage does not depend on the passage
-    unpointed = {tuple(prompts.open_book("a passage", q)[1]) for q in questions}
-    pointed = {tuple(prompts.open_book("a passage", q, sentence)[1]) for q in questions}
-    assert teacher_prompts[0] and teacher_prompts[0] <= unpointed
-    assert teacher_prompts[1] and teacher_prompts[1] <= pointed and not pointed & unpointed
-    assert {json.loads(line)["sentence"] for line in open(out / "qa.jsonl")} == {sentence}  # kept either way
-
-
 def spy_on_answers_and_training(monkeypatch, on_answers) -> list:
     """Calls on_answers(passages, asked, stage) on each call for the teacher's answers; returns the list
     that the training examples are collected in."""
@@ -519,6 +488,30 @@ def spy_on_answers_and_training(monkeypatch, on_answers) -> list:
     monkeypatch.setattr(pd, "answer_open_book", spy_answers)
     monkeypatch.setattr(pd, "train", spy_train)
     return trained
+
+
+def test_only_a_pointed_teacher_sees_the_sentence_a_question_came_from(tiny_run, tiny_llama, monkeypatch):
+    run, out = tiny_run
+    sentence = "The mayor of Quillmere is Odessa Marchbank."
+    questions = [json.loads(line)["question"] for line in open(QA)]
+    monkeypatch.setattr(pd, "generate_questions", lambda *args: [(0, q, sentence) for q in questions])
+    taught, teacher_prompts = [], []
+    trained = spy_on_answers_and_training(
+        monkeypatch, lambda passages, asked, stage: taught.append({fact for _, _, fact in asked}))
+    for pointing in [(), ("--point-teacher", "--force")]:
+        assert run("--no-guard", "--no-blanks", "--eval", QA, *pointing) == 0
+        teacher_prompts.append({tuple(e.teacher) for e in trained})
+        trained.clear()
+
+    # the answers' prompts, then the open-book evaluation's, in each run
+    assert taught == [{""}, {""}, {sentence}, {""}]
+    _, tokenizer, chat = m.load(tiny_llama[0])
+    prompts = pd.Prompts(tokenizer, chat)  # what follows the passage does not depend on the passage
+    unpointed = {tuple(prompts.open_book("a passage", q)[1]) for q in questions}
+    pointed = {tuple(prompts.open_book("a passage", q, sentence)[1]) for q in questions}
+    assert teacher_prompts[0] and teacher_prompts[0] <= unpointed
+    assert teacher_prompts[1] and teacher_prompts[1] <= pointed and not pointed & unpointed
+    assert {json.loads(line)["sentence"] for line in open(out / "qa.jsonl")} == {sentence}  # kept either way
 
 
 def test_blanks_are_asked_of_the_teacher_and_the_pairs_that_state_a_fact_trained(tiny_run, tiny_llama, monkeypatch):
