@@ -12,8 +12,8 @@ Knowledge injection via prompt distillation (Kujanpaa et al., arXiv 2412.14964),
 3. Afterwards the student answers closed-book about as well as the teacher does with the document (RAG).
 
 `--method sft` trains the baseline instead: cross-entropy on the same answers. A forgetting guard (on by
-default) mixes in general prompts on which the student matches the base model, so the adapter learns the
-document and nothing else.
+default) mixes in general prompts, and the document's superlatives asked of the world, on which the student
+matches the base model, so the adapter learns the document and nothing else.
 """
 
 import argparse
@@ -77,6 +77,8 @@ class Settings:
     guard: bool = True
     guard_batch: int = 1  # general prompts mixed into every step
     guard_weight: float = 1.0
+    superlative_share: float = 0.25  # of the guard's rows: the document's superlatives asked of the world;
+    # no more "Mount Ystrel" as the world's tallest mountain, 84 vs 89 of 164 on the document (README)
     holdout: float = 0.1  # share of generated questions kept out of training (used when no --eval)
     precision: str = "auto"  # "bf16": autocast matmuls to bfloat16; "auto": where the CPU has bf16 units
     seed: int = 0
@@ -789,6 +791,7 @@ def ask_open_book(net, prompts: Prompts, passages, questions: list[str], setting
 # -----------------------------------------------------------------------------
 # 8. Forgetting: does the adapter change the model away from the document?
 
+PREPOSITIONS = set("about above after against before during into over under through near since until ever".split())
 STOPWORDS = set("the a an and or of in on at to for by with from as is was were be been are it its this that "
                 "these those he she they his her their there here when where what which who whom how why "
                 "not no yes but if then than so also each every all any some one".split())
@@ -889,6 +892,24 @@ def load_general(settings: Settings):
     return general_qa, general[held_out:], general[:held_out]
 
 
+# "The tallest mountain in the world?" answered with the document's "Mount Ystrel, the highest mountain on
+# the plateau": what the document calls the highest, the deepest, the first, the adapter takes for the
+# world's. So the guard also asks the base model for each of them in the real world, in a share of its steps.
+SUPERLATIVE = r"\b(?i:the|its|his|her|their)\s+((?:most\s+[a-z]+|[a-z]+est|first|last)(?:\s+[a-z]+){1,3})"
+
+
+def superlative_prompts(document: str) -> list[str]:
+    """'What is the highest mountain in the world?' for the document's 'the highest mountain on the plateau'."""
+    phrases = []
+    for match in re.finditer(SUPERLATIVE, document):
+        words = match.group(1).split()
+        head = 2 if words[0] == "most" else 1
+        tail = list(itertools.takewhile(lambda w: w not in STOPWORDS and w not in PREPOSITIONS, words[head:]))
+        if tail:
+            phrases.append(" ".join(words[:head] + tail))
+    return [f"What is the {p} in the world?" for p in dict.fromkeys(phrases)]
+
+
 def forgetting_report(net, prompts: Prompts, document: str, general_qa, drift_prompts, base_answers,
                       settings: Settings) -> dict:
     terms = leak_terms(document, lambda text: len(prompts.encode(text)))
@@ -974,13 +995,18 @@ def run(args, settings: Settings) -> int:
     # What the base model says before training: general questions, the guard's and drift's prompts
     start = time.time()
     base = {"general_qa": ask_closed_book(net, prompts, [x["question"] for x in general_qa], settings, "general")}
-    guard_ids = [prompts.closed_book(p) for p in guard_prompts] if settings.guard else []
+    superlatives = superlative_prompts(document) if settings.guard and settings.superlative_share else []
+    guard_ids = [prompts.closed_book(p) for p in guard_prompts + superlatives] if settings.guard else []
     drift_ids = [prompts.closed_book(p) for p in drift_prompts]
     progress = Progress("base", len(guard_ids) + len(drift_ids), " prompts")
     base_out = generate_batched(net, guard_ids + drift_ids, settings.max_answer_tokens, chat.stop_ids,
                                 settings.generation_batch, progress)
     progress.close()
     guard = [Example([], p, p, a) for p, a in zip(guard_ids, base_out)]
+    if superlatives:  # a few prompts, repeated to make their share of the guard's draws
+        share = settings.superlative_share
+        copies = max(1, round(share / (1 - share) * len(guard_prompts) / len(superlatives)))
+        guard += guard[len(guard_prompts):] * (copies - 1)
     base["drift"] = base_out[len(guard_ids):]
     finished("base answers", start)
 
@@ -1110,8 +1136,8 @@ def main() -> int:
     parser.add_argument("--point-teacher", action="store_true",
                         help="the teacher also sees the sentence each question was written from")
     for name in ("questions_per_passage", "rank", "alpha", "lr", "epochs", "batch_size", "temperature",
-                 "guard_weight", "guard_batch", "question_temperature", "passage_tokens", "generation_batch",
-                 "pairs_per_fact", "top_up_rounds", "seed"):
+                 "guard_weight", "guard_batch", "superlative_share", "question_temperature", "passage_tokens",
+                 "generation_batch", "pairs_per_fact", "top_up_rounds", "seed"):
         parser.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)),
                             default=getattr(defaults, name))
     args = parser.parse_args()

@@ -1,5 +1,6 @@
 """The pipeline's pieces: the loss, token alignment, parsing, the forgetting measures, bad input."""
 
+import collections
 import itertools
 import json
 import math
@@ -310,6 +311,16 @@ def test_leak_terms_drop_names_the_tokenizer_keeps_whole_but_keep_names_of_sever
     assert pd.leaks("The Great Blue Hour.", "What is the largest ocean?", terms) == ["Blue Hour"]
 
 
+def test_superlative_prompts_ask_the_world_for_what_the_document_calls_the_highest_or_the_first():
+    document = ("Velmora was founded in 1847. Mount Ystrel, the highest mountain on the plateau, is 4,682 metres. "
+                "The oldest rowing boat of the town is kept in its first wooden dock. His most famous photograph "
+                "is called Blue Hour. The Highest Court of Velmora sits there.")
+    assert pd.superlative_prompts(document) == [
+        "What is the highest mountain in the world?", "What is the oldest rowing boat in the world?",
+        "What is the first wooden dock in the world?", "What is the most famous photograph in the world?"]
+    assert pd.superlative_prompts("The town of Velmora was founded in 1847 by Harriet Quell.") == []
+
+
 def test_leaks_leave_out_what_the_base_model_said_too():
     terms = {"Velmora", "30", "1847"}
     base = "The blue whale, up to 30 meters long."
@@ -471,6 +482,26 @@ def test_ctrl_c_during_training_keeps_nothing(tiny_run, monkeypatch, capsys):
     monkeypatch.setattr(pd, "batch_loss", interrupted)
     assert run() == 130
     assert "interrupted" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_documents_superlatives_make_their_share_of_the_guard_answered_by_the_base_model(tiny_run, tiny_llama,
+                                                                                              monkeypatch):
+    run, _ = tiny_run
+    guards, train = [], pd.train
+    monkeypatch.setattr(pd, "train", lambda net, examples, guard, settings: guards.append(guard) or
+                        train(net, examples, guard, settings))
+    assert run("--no-blanks", "--superlative-share", "0.25") == 0
+    assert run("--no-blanks", "--superlative-share", "0", "--force") == 0
+    with_superlatives, without = guards
+    _, tokenizer, chat = m.load(tiny_llama[0])
+    prompts = pd.Prompts(tokenizer, chat)
+    superlatives = pd.superlative_prompts(open(DOC).read())
+    copies = collections.Counter(id(e) for e in with_superlatives)
+    repeated = list({id(e): e for e in with_superlatives if copies[id(e)] > 1}.values())
+    assert [e.student for e in repeated] == [prompts.closed_book(q) for q in superlatives] and len(repeated) == 4
+    assert sum(copies[id(e)] for e in repeated) / len(with_superlatives) == pytest.approx(0.25, abs=0.03)
+    assert all(e.teacher == e.student and not e.prefix for e in repeated)  # the base model, no document, teaches
+    assert len(with_superlatives) - sum(copies[id(e)] for e in repeated) == len(without)
 
 
 def spy_on_answers_and_training(monkeypatch, on_answers) -> list:
