@@ -597,6 +597,7 @@ def compute_targets(net, examples: list[Example], settings: Settings) -> None:
     every epoch: a step then needs only lm_head to turn the targets into the full-vocabulary logits
     (1.06 s a step instead of 1.33 here). Hidden states are kept, not logits: 576 numbers a token, not 49,152.
     """
+    examples = list({id(e): e for e in examples}.values())  # the guard repeats its superlatives
     progress = Progress("targets", len(examples), " examples")
     groups = {}
     for e in examples:
@@ -1143,6 +1144,8 @@ def main() -> int:
     args = parser.parse_args()
     settings = Settings(**{k: getattr(args, k) for k in asdict(defaults) if hasattr(args, k)})
     try:
+        if not 0 <= settings.superlative_share < 1:
+            raise InputError("--superlative-share is a share of the guard's rows: at least 0 and below 1")
         if args.adapter:
             if not (args.ask or args.eval):
                 raise InputError("--adapter needs --eval QA.jsonl or --ask QUESTION")

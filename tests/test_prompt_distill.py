@@ -415,6 +415,12 @@ def test_malformed_eval_line_is_named(tmp_path):
     assert_one_line_error(run_cli("--doc", DOC, "--eval", str(qa), "--out", str(tmp_path / "o")), "line 3")
 
 
+def test_a_superlative_share_of_one_or_more_is_refused(tmp_path):
+    result = run_cli("--doc", DOC, "--out", str(tmp_path / "o"), "--superlative-share", "1")
+    assert_one_line_error(result, "--superlative-share")
+    assert not (tmp_path / "o").exists()
+
+
 def test_existing_adapter_is_not_overwritten(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
