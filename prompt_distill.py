@@ -792,7 +792,7 @@ def ask_open_book(net, prompts: Prompts, passages, questions: list[str], setting
 # -----------------------------------------------------------------------------
 # 8. Forgetting: does the adapter change the model away from the document?
 
-PREPOSITIONS = set("about above after against before during into over under through near since until ever".split())
+PHRASE_ENDS = set("about above after against before during into over under through near since until ever".split())
 STOPWORDS = set("the a an and or of in on at to for by with from as is was were be been are it its this that "
                 "these those he she they his her their there here when where what which who whom how why "
                 "not no yes but if then than so also each every all any some one".split())
@@ -905,7 +905,7 @@ def superlative_prompts(document: str) -> list[str]:
     for match in re.finditer(SUPERLATIVE, document):
         words = match.group(1).split()
         head = 2 if words[0] == "most" else 1
-        tail = list(itertools.takewhile(lambda w: w not in STOPWORDS and w not in PREPOSITIONS, words[head:]))
+        tail = list(itertools.takewhile(lambda w: w not in STOPWORDS and w not in PHRASE_ENDS, words[head:]))
         if tail:
             phrases.append(" ".join(words[:head] + tail))
     return [f"What is the {p} in the world?" for p in dict.fromkeys(phrases)]
