@@ -911,21 +911,43 @@ def superlative_prompts(document: str) -> list[str]:
     return [f"What is the {p} in the world?" for p in dict.fromkeys(phrases)]
 
 
+# The base model answers some general questions on a near tie: "How many months are there in a year?"
+# starts "There" (0.26) or "A" (0.23), and only "There are 12 months" is right. Any adapter moves such a
+# first token by more than that (drift is ~0.03 nats even at the first answer token), so a question lost
+# there says little about the adapter; a question the base was sure of says a lot. The report tells which.
+NEAR_TIE = 0.1
+
+
+def first_token_margins(net, prompts: Prompts, questions: list[str]) -> list[float]:
+    """For each question: the probability of the adapter-free model's likeliest first answer token minus the
+    second likeliest."""
+    with torch.no_grad(), lora.lora_disabled(net):
+        ids = [prompts.closed_book(q) for q in questions]
+        probs = answer_logits(net, ids, [[0]] * len(ids)).float().softmax(-1)  # the token after each prompt
+    top = probs.topk(2, dim=-1).values
+    return (top[:, 0] - top[:, 1]).tolist()
+
+
 def forgetting_report(net, prompts: Prompts, document: str, general_qa, drift_prompts, base_answers,
                       settings: Settings) -> dict:
     terms = leak_terms(document, lambda text: len(prompts.encode(text)))
     questions = [x["question"] for x in general_qa]
     after = ask_closed_book(net, prompts, questions, settings, "retention")
-    report = {"retention_base": 0.0, "retention_adapted": 0.0, "leakage_base": 0.0, "leakage_adapted": 0.0}
+    margins = first_token_margins(net, prompts, questions)
+    report = {"retention_base": 0.0, "retention_adapted": 0.0, "leakage_base": 0.0, "leakage_adapted": 0.0,
+              "retention_lost": 0, "retention_lost_on_near_ties": 0}
     answers = []
-    for x, before, now in zip(general_qa, base_answers["general_qa"], after):
+    for x, before, now, margin in zip(general_qa, base_answers["general_qa"], after, margins):
         leaked = leaks(now, x["question"], terms, before)
         report["retention_base"] += is_correct(before, x["answers"]) / len(general_qa)
         report["retention_adapted"] += is_correct(now, x["answers"]) / len(general_qa)
         report["leakage_base"] += bool(leaks(before, x["question"], terms)) / len(general_qa)
         report["leakage_adapted"] += bool(leaked) / len(general_qa)
+        lost = is_correct(before, x["answers"]) and not is_correct(now, x["answers"])
+        report["retention_lost"] += lost
+        report["retention_lost_on_near_ties"] += lost and margin < NEAR_TIE
         answers.append({"question": x["question"], "answers": x["answers"], "base": before, "adapted": now,
-                        "leaked": leaked})
+                        "leaked": leaked, "base_first_token_margin": round(margin, 4)})
     report["drift"] = drift(net, [(prompts.closed_book(p), a) for p, a in zip(drift_prompts, base_answers["drift"])])
     report["general_answers"] = answers
     return report
@@ -1079,6 +1101,8 @@ def run(args, settings: Settings) -> int:
     print_table([("forgetting", "base", "adapted"),
                  ("retention (general questions)", f"{forgetting['retention_base']:.2f}",
                   f"{forgetting['retention_adapted']:.2f}"),
+                 (f"  questions lost (on a near tie, margin < {NEAR_TIE})", "",
+                  f"{forgetting['retention_lost']} ({forgetting['retention_lost_on_near_ties']})"),
                  ("leakage (document names in answers)", f"{forgetting['leakage_base']:.2f}",
                   f"{forgetting['leakage_adapted']:.2f}"),
                  ("drift (KL on general prompts)", "0", f"{forgetting['drift']:.4f}")])

@@ -365,6 +365,21 @@ def test_guard_targets_come_from_the_base_model_so_a_fresh_adapter_has_zero_guar
     assert on_guard.item() > 1e-4  # a changed adapter is pulled back
 
 
+def test_first_token_margins_are_the_base_models_at_the_first_answer_position(tiny_llama):
+    path, _ = tiny_llama
+    net, tokenizer, chat = m.load(path)
+    lora.inject_lora(net, r=4, alpha=4)
+    perturb(net)  # an adapter that changes the logits, which the margins must not see
+    prompts = pd.Prompts(tokenizer, chat)
+    questions = ["Who wrote Hamlet?", "How many legs does a spider have today?"]
+    margins = pd.first_token_margins(net, prompts, questions)
+    for question, margin in zip(questions, margins):
+        with torch.no_grad(), lora.lora_disabled(net):
+            probs = net(torch.tensor([prompts.closed_book(question)]))[0, -1].softmax(-1)
+        first, second = probs.topk(2).values.tolist()
+        assert margin == pytest.approx(first - second, abs=1e-5)
+
+
 def test_guard_rows_in_the_same_pass_do_not_change_the_document_loss(tiny_llama):
     path, _ = tiny_llama
     net, _, _ = m.load(path)
@@ -454,8 +469,10 @@ def test_end_to_end_on_a_tiny_model_writes_adapter_qa_and_report(tiny_run, tiny_
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "qa.jsonl", "report.json"]
     report = json.load(open(out / "report.json"))
     assert set(report["accuracy"]) == {"closed_book", "open_book", "distilled"}
-    forgetting = {"retention_base", "retention_adapted", "leakage_base", "leakage_adapted", "drift"}
+    forgetting = {"retention_base", "retention_adapted", "leakage_base", "leakage_adapted", "drift",
+                  "retention_lost", "retention_lost_on_near_ties"}
     assert forgetting <= set(report["forgetting"])
+    assert all(0 <= a["base_first_token_margin"] <= 1 for a in report["general_answers"])
     assert len(report["eval"]) == sum(1 for _ in open(QA))
     assert set(report["eval"][0]) == {"question", "answers", "closed_book", "open_book", "distilled",
                                       "pairs_stating_answer"}
