@@ -912,9 +912,9 @@ def superlative_prompts(document: str) -> list[str]:
 
 
 # The base model answers some general questions on a near tie: "How many months are there in a year?"
-# starts "There" (0.26) or "A" (0.23), and only "There are 12 months" is right. Any adapter moves such a
-# first token by more than that (drift is ~0.03 nats even at the first answer token), so a question lost
-# there says little about the adapter; a question the base was sure of says a lot. The report tells which.
+# starts "There" (0.26) or "A" (0.23), and only "There are 12 months" is right. A guarded adapter still
+# drifts about 0.03 nats at the first answer token, enough to tip such a question either way, so a question
+# lost there says little about the adapter; one the base was sure of says a lot. The report tells which.
 NEAR_TIE = 0.1
 
 
