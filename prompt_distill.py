@@ -933,11 +933,10 @@ def forgetting_report(net, prompts: Prompts, document: str, general_qa, drift_pr
     terms = leak_terms(document, lambda text: len(prompts.encode(text)))
     questions = [x["question"] for x in general_qa]
     after = ask_closed_book(net, prompts, questions, settings, "retention")
-    margins = first_token_margins(net, prompts, questions)
     report = {"retention_base": 0.0, "retention_adapted": 0.0, "leakage_base": 0.0, "leakage_adapted": 0.0,
               "retention_lost": 0, "retention_lost_on_near_ties": 0}
     answers = []
-    for x, before, now, margin in zip(general_qa, base_answers["general_qa"], after, margins):
+    for x, before, now, margin in zip(general_qa, base_answers["general_qa"], after, base_answers["margins"]):
         leaked = leaks(now, x["question"], terms, before)
         report["retention_base"] += is_correct(before, x["answers"]) / len(general_qa)
         report["retention_adapted"] += is_correct(now, x["answers"]) / len(general_qa)
@@ -1017,7 +1016,9 @@ def run(args, settings: Settings) -> int:
 
     # What the base model says before training: general questions, the guard's and drift's prompts
     start = time.time()
-    base = {"general_qa": ask_closed_book(net, prompts, [x["question"] for x in general_qa], settings, "general")}
+    general_questions = [x["question"] for x in general_qa]
+    base = {"general_qa": ask_closed_book(net, prompts, general_questions, settings, "general"),
+            "margins": first_token_margins(net, prompts, general_questions)}
     superlatives = superlative_prompts(document) if settings.guard and settings.superlative_share else []
     guard_ids = [prompts.closed_book(p) for p in guard_prompts + superlatives] if settings.guard else []
     drift_ids = [prompts.closed_book(p) for p in drift_prompts]
