@@ -75,7 +75,7 @@ class Settings:
     warmup: float = 0.1  # share of the steps
     temperature: float = 1.0  # of the distillation loss
     guard: bool = True
-    guard_batch: int = 1  # general prompts mixed into every step
+    guard_batch: int = 1  # guard rows mixed into every step
     guard_weight: float = 1.0
     superlative_share: float = 0.25  # of the guard's rows: the document's superlatives asked of the world;
     # no more "Mount Ystrel" as the world's tallest mountain, 84 vs 89 of 164 on the document (README)
@@ -597,7 +597,6 @@ def compute_targets(net, examples: list[Example], settings: Settings) -> None:
     every epoch: a step then needs only lm_head to turn the targets into the full-vocabulary logits
     (1.06 s a step instead of 1.33 here). Hidden states are kept, not logits: 576 numbers a token, not 49,152.
     """
-    examples = list({id(e): e for e in examples}.values())  # the guard repeats its superlatives
     progress = Progress("targets", len(examples), " examples")
     groups = {}
     for e in examples:
@@ -666,8 +665,21 @@ def batch_loss(net, batch: list[Example], guard: list[Example], settings: Settin
     return loss, distillation_loss(student_on_guard, target_logits(net, guard), settings.temperature)
 
 
-def train(net, examples: list[Example], guard: list[Example], settings: Settings) -> list[float]:
-    compute_targets(net, (examples if settings.method == "distill" else []) + guard, settings)
+def draw_guard(general: list[Example], superlatives: list[Example], settings: Settings,
+               rng: random.Random) -> list[Example]:
+    """A step's guard rows: each one of the document's superlatives with probability --superlative-share, else
+    a general prompt. Two pools, not one list, because a document has a handful of superlatives and the guard
+    a few hundred general prompts."""
+    if not general:
+        return []
+    share = settings.superlative_share if superlatives else 0.0
+    return [rng.choice(superlatives if rng.random() < share else general) for _ in range(settings.guard_batch)]
+
+
+def train(net, examples: list[Example], general: list[Example], superlatives: list[Example],
+          settings: Settings) -> list[float]:
+    """The adapter's training. general and superlatives are the guard's two pools (empty without the guard)."""
+    compute_targets(net, (examples if settings.method == "distill" else []) + general + superlatives, settings)
     rng = random.Random(settings.seed)
     epochs = [make_batches(examples, settings.batch_size, rng) for _ in range(settings.epochs)]
     steps = sum(len(e) for e in epochs)
@@ -686,7 +698,7 @@ def train(net, examples: list[Example], guard: list[Example], settings: Settings
     net.train()
     for batches in epochs:
         for batch in batches:
-            guard_rows = rng.sample(guard, min(settings.guard_batch, len(guard)))
+            guard_rows = draw_guard(general, superlatives, settings, rng)
             with precision(net, settings):  # the forward passes; backward runs outside, as autocast wants
                 loss, on_guard = batch_loss(net, batch, guard_rows, settings)
                 total = loss + settings.guard_weight * on_guard
@@ -1007,8 +1019,7 @@ def run(args, settings: Settings) -> int:
                                        settings, generator, stage="blanks")
         qa += [(p, q, fact, a) for (p, q, fact), a in zip(asked, answers) if stated(q, prompts.decode(a), words)]
         finished("blanks", start)
-    train_qa = qa[len(held_out):]
-    random.Random(settings.seed).shuffle(train_qa)  # the blanks among the rest
+    train_qa = qa[len(held_out):]  # in any order: make_batches shuffles
     examples = []
     for p, q, fact, a in train_qa:
         prefix, suffix = prompts.open_book(passages[p], q, shown(fact, settings))
@@ -1026,18 +1037,14 @@ def run(args, settings: Settings) -> int:
     base_out = generate_batched(net, guard_ids + drift_ids, settings.max_answer_tokens, chat.stop_ids,
                                 settings.generation_batch, progress)
     progress.close()
-    guard = [Example([], p, p, a) for p, a in zip(guard_ids, base_out)]
-    if superlatives:  # a few prompts, repeated to make their share of the guard's draws
-        share = settings.superlative_share
-        copies = max(1, round(share / (1 - share) * len(guard_prompts) / len(superlatives)))
-        guard += guard[len(guard_prompts):] * (copies - 1)
+    guard = [Example([], p, p, a) for p, a in zip(guard_ids, base_out)]  # the base model is the teacher
     base["drift"] = base_out[len(guard_ids):]
     finished("base answers", start)
 
     # Training
     lora.inject_lora(net, settings.rank, settings.alpha, targets=settings.targets)
     start = time.time()
-    losses = train(net, examples, guard, settings)
+    losses = train(net, examples, guard[:len(guard_prompts)], guard[len(guard_prompts):], settings)
     finished("training", start)
 
     # Evaluation
@@ -1169,8 +1176,8 @@ def main() -> int:
     args = parser.parse_args()
     settings = Settings(**{k: getattr(args, k) for k in asdict(defaults) if hasattr(args, k)})
     try:
-        if not 0 <= settings.superlative_share < 1:
-            raise InputError("--superlative-share is a share of the guard's rows: at least 0 and below 1")
+        if not 0 <= settings.superlative_share <= 1:
+            raise InputError("--superlative-share is a share of the guard's rows: from 0 to 1")
         if args.adapter:
             if not (args.ask or args.eval):
                 raise InputError("--adapter needs --eval QA.jsonl or --ask QUESTION")

@@ -1,10 +1,10 @@
 """The pipeline's pieces: the loss, token alignment, parsing, the forgetting measures, bad input."""
 
-import collections
 import itertools
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import types
@@ -430,8 +430,8 @@ def test_malformed_eval_line_is_named(tmp_path):
     assert_one_line_error(run_cli("--doc", DOC, "--eval", str(qa), "--out", str(tmp_path / "o")), "line 3")
 
 
-def test_a_superlative_share_of_one_or_more_is_refused(tmp_path):
-    result = run_cli("--doc", DOC, "--out", str(tmp_path / "o"), "--superlative-share", "1")
+def test_a_superlative_share_above_one_is_refused(tmp_path):
+    result = run_cli("--doc", DOC, "--out", str(tmp_path / "o"), "--superlative-share", "1.5")
     assert_one_line_error(result, "--superlative-share")
     assert not (tmp_path / "o").exists()
 
@@ -507,24 +507,35 @@ def test_ctrl_c_during_training_keeps_nothing(tiny_run, monkeypatch, capsys):
     assert "interrupted" in capsys.readouterr().err and not out.exists()
 
 
-def test_the_documents_superlatives_make_their_share_of_the_guard_answered_by_the_base_model(tiny_run, tiny_llama,
-                                                                                              monkeypatch):
+def test_the_documents_superlatives_join_the_guard_answered_by_the_base_model(tiny_run, tiny_llama, monkeypatch):
     run, _ = tiny_run
-    guards, train = [], pd.train
-    monkeypatch.setattr(pd, "train", lambda net, examples, guard, settings: guards.append(guard) or
-                        train(net, examples, guard, settings))
+    pools, train = [], pd.train
+    monkeypatch.setattr(pd, "train", lambda net, examples, general, superlatives, settings:
+                        pools.append((general, superlatives)) or train(net, examples, general, superlatives, settings))
     assert run("--no-blanks", "--superlative-share", "0.25") == 0
     assert run("--no-blanks", "--superlative-share", "0", "--force") == 0
-    with_superlatives, without = guards
+    (general, superlatives), (general_alone, none) = pools
     _, tokenizer, chat = m.load(tiny_llama[0])
     prompts = pd.Prompts(tokenizer, chat)
-    superlatives = pd.superlative_prompts(open(DOC).read())
-    copies = collections.Counter(id(e) for e in with_superlatives)
-    repeated = list({id(e): e for e in with_superlatives if copies[id(e)] > 1}.values())
-    assert [e.student for e in repeated] == [prompts.closed_book(q) for q in superlatives] and len(repeated) == 4
-    assert sum(copies[id(e)] for e in repeated) / len(with_superlatives) == pytest.approx(0.25, abs=0.03)
-    assert all(e.teacher == e.student and not e.prefix for e in repeated)  # the base model, no document, teaches
-    assert len(with_superlatives) - sum(copies[id(e)] for e in repeated) == len(without)
+    asked = pd.superlative_prompts(open(DOC).read())
+    assert [e.student for e in superlatives] == [prompts.closed_book(q) for q in asked] and len(asked) == 4
+    assert all(e.teacher == e.student and not e.prefix for e in superlatives)  # the base model, no document, teaches
+    assert [e.student for e in general] == [e.student for e in general_alone] and none == []
+
+
+def test_guard_rows_are_superlatives_in_their_share_of_the_draws():
+    general = [pd.Example([], [i], [i], [2]) for i in range(300)]
+    superlatives = [pd.Example([], [1000 + i], [1000 + i], [2]) for i in range(4)]
+    rng = random.Random(0)
+    rows = [row for _ in range(2000) for row in pd.draw_guard(general, superlatives, pd.Settings(guard_batch=2), rng)]
+    assert len(rows) == 4000
+    superlative_ids, general_ids = {id(e) for e in superlatives}, {id(e) for e in general}
+    drawn = [id(row) for row in rows if id(row) in superlative_ids]
+    assert len(drawn) / len(rows) == pytest.approx(pd.Settings().superlative_share, abs=0.02)
+    assert set(drawn) == superlative_ids  # each one drawn
+    assert {id(row) for row in rows} - superlative_ids <= general_ids
+    assert all(id(row) in general_ids for row in pd.draw_guard(general, [], pd.Settings(), rng))
+    assert pd.draw_guard([], [], pd.Settings(), rng) == []  # --no-guard
 
 
 def spy_on_answers_and_training(monkeypatch, on_answers) -> list:
