@@ -12,8 +12,9 @@ Knowledge injection via prompt distillation (Kujanpaa et al., arXiv 2412.14964),
 3. Afterwards the student answers closed-book about as well as the teacher does with the document (RAG).
 
 `--method sft` trains the baseline instead: cross-entropy on the same answers. A forgetting guard (on by
-default) mixes in general prompts, and the document's superlatives asked of the world, on which the student
-matches the base model, so the adapter learns the document and nothing else.
+default) mixes in general prompts on which the student matches the base model, so the adapter learns the
+document and nothing else; among them, the document's superlatives asked of the world and, after a
+document with years, the prompts the base model answers with a year come up more often.
 """
 
 import argparse
@@ -79,6 +80,8 @@ class Settings:
     guard_weight: float = 1.0
     superlative_share: float = 0.25  # of the guard's rows: the document's superlatives asked of the world;
     # no more "Mount Ystrel" as the world's tallest mountain, 84 vs 89 of 164 on the document (README)
+    year_share: float = 0.2  # of the guard's rows, for a document that states a year: the general prompts
+    # whose base answer states one; no more penicillin "discovered in 1978", leakage 0 vs 3 of 228 (README)
     holdout: float = 0.1  # share of generated questions kept out of training (used when no --eval)
     precision: str = "auto"  # "bf16": autocast matmuls to bfloat16; "auto": where the CPU has bf16 units
     seed: int = 0
@@ -665,20 +668,31 @@ def batch_loss(net, batch: list[Example], guard: list[Example], settings: Settin
     return loss, distillation_loss(student_on_guard, target_logits(net, guard), settings.temperature)
 
 
-def draw_guard(general: list[Example], superlatives: list[Example], settings: Settings,
+def draw_guard(general: list[Example], superlatives: list[Example], years: list[Example], settings: Settings,
                rng: random.Random) -> list[Example]:
-    """A step's guard rows: each one of the document's superlatives with probability --superlative-share, else
-    a general prompt. Two pools, not one list, because a document has a handful of superlatives and the guard
-    a few hundred general prompts."""
+    """A step's guard rows: one of the document's superlatives with probability --superlative-share, one of
+    the general prompts whose base answer states a year with probability --year-share, else any general
+    prompt. Pools, not one list, because a document has a handful of superlatives and the guard a few
+    hundred general prompts; an empty pool's share goes to the general prompts."""
     if not general:
         return []
-    share = settings.superlative_share if superlatives else 0.0
-    return [rng.choice(superlatives if rng.random() < share else general) for _ in range(settings.guard_batch)]
+    rows = []
+    for _ in range(settings.guard_batch):
+        r = rng.random()
+        if r < settings.superlative_share:
+            pool = superlatives or general
+        elif r < settings.superlative_share + settings.year_share:
+            pool = years or general
+        else:
+            pool = general
+        rows.append(rng.choice(pool))
+    return rows
 
 
 def train(net, examples: list[Example], general: list[Example], superlatives: list[Example],
-          settings: Settings) -> list[float]:
-    """The adapter's training. general and superlatives are the guard's two pools (empty without the guard)."""
+          years: list[Example], settings: Settings) -> list[float]:
+    """The adapter's training. general, superlatives and years are the guard's pools (empty without the
+    guard); years are rows of general, so their targets are general's."""
     compute_targets(net, (examples if settings.method == "distill" else []) + general + superlatives, settings)
     rng = random.Random(settings.seed)
     epochs = [make_batches(examples, settings.batch_size, rng) for _ in range(settings.epochs)]
@@ -698,7 +712,7 @@ def train(net, examples: list[Example], general: list[Example], superlatives: li
     net.train()
     for batches in epochs:
         for batch in batches:
-            guard_rows = draw_guard(general, superlatives, settings, rng)
+            guard_rows = draw_guard(general, superlatives, years, settings, rng)
             with precision(net, settings):  # the forward passes; backward runs outside, as autocast wants
                 loss, on_guard = batch_loss(net, batch, guard_rows, settings)
                 total = loss + settings.guard_weight * on_guard
@@ -923,6 +937,17 @@ def superlative_prompts(document: str) -> list[str]:
     return [f"What is the {p} in the world?" for p in dict.fromkeys(phrases)]
 
 
+# "Penicillin was discovered in 1978": after a document about 1978 the adapter gives the world's events
+# the document's year. So for such a document the guard draws more often the general prompts whose
+# answer, by the base model, states a year ("The Berlin Wall fell in 1989").
+YEAR = re.compile(r"\b(?:1[0-9]{3}|20[0-9]{2})\b")
+
+
+def year_rows(general: list[Example], document: str, decode) -> list[Example]:
+    """The guard's general rows whose base answer states a year, if the document states one."""
+    return [e for e in general if YEAR.search(decode(e.answer))] if YEAR.search(document) else []
+
+
 # The base model answers some general questions on a near tie: "How many months are there in a year?"
 # starts "There" (0.26) or "A" (0.23), and only "There are 12 months" is right. A guarded adapter still
 # drifts about 0.03 nats at the first answer token, enough to tip such a question either way, so a question
@@ -1038,13 +1063,15 @@ def run(args, settings: Settings) -> int:
                                 settings.generation_batch, progress)
     progress.close()
     guard = [Example([], p, p, a) for p, a in zip(guard_ids, base_out)]  # the base model is the teacher
+    general, superlatives = guard[:len(guard_prompts)], guard[len(guard_prompts):]
+    years = year_rows(general, document, prompts.decode)
     base["drift"] = base_out[len(guard_ids):]
     finished("base answers", start)
 
     # Training
     lora.inject_lora(net, settings.rank, settings.alpha, targets=settings.targets)
     start = time.time()
-    losses = train(net, examples, guard[:len(guard_prompts)], guard[len(guard_prompts):], settings)
+    losses = train(net, examples, general, superlatives, years, settings)
     finished("training", start)
 
     # Evaluation
@@ -1085,6 +1112,7 @@ def run(args, settings: Settings) -> int:
         write_json(os.path.join(tmp, "report.json"), {
             "doc": os.path.abspath(args.doc), "model": args.model or m.DEFAULT_NAME, "settings": asdict(settings),
             "passages": len(passages), "qa_pairs": len(qa), "train_examples": len(examples),
+            "guard_prompts": {"general": len(general), "superlatives": len(superlatives), "years": len(years)},
             "metric": "accuracy (gold answer contained)" if eval_items else "token F1 against the open-book answer",
             "accuracy": accuracies, "forgetting": {k: v for k, v in forgetting.items() if k != "general_answers"},
             "seconds": times, "peak_memory_gb": peaks,
@@ -1169,15 +1197,17 @@ def main() -> int:
     parser.add_argument("--point-teacher", action="store_true",
                         help="the teacher also sees the sentence each question was written from")
     for name in ("questions_per_passage", "rank", "alpha", "lr", "epochs", "batch_size", "temperature",
-                 "guard_weight", "guard_batch", "superlative_share", "question_temperature", "passage_tokens",
-                 "generation_batch", "pairs_per_fact", "top_up_rounds", "seed"):
+                 "guard_weight", "guard_batch", "superlative_share", "year_share", "question_temperature",
+                 "passage_tokens", "generation_batch", "pairs_per_fact", "top_up_rounds", "seed"):
         parser.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)),
                             default=getattr(defaults, name))
     args = parser.parse_args()
     settings = Settings(**{k: getattr(args, k) for k in asdict(defaults) if hasattr(args, k)})
     try:
-        if not 0 <= settings.superlative_share <= 1:
-            raise InputError("--superlative-share is a share of the guard's rows: from 0 to 1")
+        shares = (settings.superlative_share, settings.year_share)
+        if min(shares) < 0 or sum(shares) > 1:
+            raise InputError("--superlative-share and --year-share are shares of the guard's rows: "
+                             "each at least 0, together at most 1")
         if args.adapter:
             if not (args.ask or args.eval):
                 raise InputError("--adapter needs --eval QA.jsonl or --ask QUESTION")

@@ -430,10 +430,11 @@ def test_malformed_eval_line_is_named(tmp_path):
     assert_one_line_error(run_cli("--doc", DOC, "--eval", str(qa), "--out", str(tmp_path / "o")), "line 3")
 
 
-def test_a_superlative_share_above_one_is_refused(tmp_path):
-    result = run_cli("--doc", DOC, "--out", str(tmp_path / "o"), "--superlative-share", "1.5")
-    assert_one_line_error(result, "--superlative-share")
-    assert not (tmp_path / "o").exists()
+def test_guard_shares_above_one_together_are_refused(tmp_path):
+    for shares in (["--superlative-share", "1.5"], ["--superlative-share", "0.5", "--year-share", "0.6"]):
+        result = run_cli("--doc", DOC, "--out", str(tmp_path / "o"), *shares)
+        assert_one_line_error(result, "--year-share")
+        assert not (tmp_path / "o").exists()
 
 
 def test_existing_adapter_is_not_overwritten(tmp_path):
@@ -508,13 +509,14 @@ def test_ctrl_c_during_training_keeps_nothing(tiny_run, monkeypatch, capsys):
 
 
 def test_the_documents_superlatives_join_the_guard_answered_by_the_base_model(tiny_run, tiny_llama, monkeypatch):
-    run, _ = tiny_run
+    run, out = tiny_run
     pools, train = [], pd.train
-    monkeypatch.setattr(pd, "train", lambda net, examples, general, superlatives, settings:
-                        pools.append((general, superlatives)) or train(net, examples, general, superlatives, settings))
+    monkeypatch.setattr(pd, "train", lambda net, examples, *guard_and_settings:
+                        pools.append(guard_and_settings[:3]) or train(net, examples, *guard_and_settings))
     assert run("--no-blanks", "--superlative-share", "0.25") == 0
+    assert json.load(open(out / "report.json"))["guard_prompts"]["superlatives"] == 4
     assert run("--no-blanks", "--superlative-share", "0", "--force") == 0
-    (general, superlatives), (general_alone, none) = pools
+    (general, superlatives, _), (general_alone, none, _) = pools
     _, tokenizer, chat = m.load(tiny_llama[0])
     prompts = pd.Prompts(tokenizer, chat)
     asked = pd.superlative_prompts(open(DOC).read())
@@ -523,19 +525,33 @@ def test_the_documents_superlatives_join_the_guard_answered_by_the_base_model(ti
     assert [e.student for e in general] == [e.student for e in general_alone] and none == []
 
 
-def test_guard_rows_are_superlatives_in_their_share_of_the_draws():
+def test_year_rows_are_the_general_prompts_answered_with_a_year_for_a_document_with_years():
+    answers = {1: "The Berlin Wall fell in 1989.", 2: "There are 24 hours in a day.", 3: "In 2001, a 12345 ..."}
+    general = [pd.Example([], [i], [i], [i]) for i in answers]
+    decode = lambda ids: answers[ids[0]]
+    assert pd.year_rows(general, "The expedition sailed in 1978.", decode) == [general[0], general[2]]
+    assert pd.year_rows(general, "The expedition sailed in spring, 12 days and 2,150 metres.", decode) == []
+
+
+def test_guard_rows_are_superlatives_and_years_in_their_shares_of_the_draws():
     general = [pd.Example([], [i], [i], [2]) for i in range(300)]
     superlatives = [pd.Example([], [1000 + i], [1000 + i], [2]) for i in range(4)]
-    rng = random.Random(0)
-    rows = [row for _ in range(2000) for row in pd.draw_guard(general, superlatives, pd.Settings(guard_batch=2), rng)]
-    assert len(rows) == 4000
-    superlative_ids, general_ids = {id(e) for e in superlatives}, {id(e) for e in general}
-    drawn = [id(row) for row in rows if id(row) in superlative_ids]
-    assert len(drawn) / len(rows) == pytest.approx(pd.Settings().superlative_share, abs=0.02)
+    years = general[:10]  # general prompts whose base answer states a year
+    settings, rng = pd.Settings(guard_batch=2), random.Random(0)
+    rows = [id(row) for _ in range(4000) for row in pd.draw_guard(general, superlatives, years, settings, rng)]
+    assert len(rows) == 8000
+    superlative_ids, year_ids, general_ids = ({id(e) for e in pool} for pool in (superlatives, years, general))
+    drawn = [row for row in rows if row in superlative_ids]
+    assert len(drawn) / len(rows) == pytest.approx(settings.superlative_share, abs=0.02)
     assert set(drawn) == superlative_ids  # each one drawn
-    assert {id(row) for row in rows} - superlative_ids <= general_ids
-    assert all(id(row) in general_ids for row in pd.draw_guard(general, [], pd.Settings(), rng))
-    assert pd.draw_guard([], [], pd.Settings(), rng) == []  # --no-guard
+    # a year row also comes from the general draws, 10 times in 300
+    year_rate = settings.year_share + (1 - settings.superlative_share - settings.year_share) * 10 / 300
+    assert sum(row in year_ids for row in rows) / len(rows) == pytest.approx(year_rate, abs=0.02)
+    assert set(rows) - superlative_ids <= general_ids
+    # an empty pool's share goes to the general prompts
+    alone = [id(row) for _ in range(2000) for row in pd.draw_guard(general, [], [], settings, rng)]
+    assert set(alone) <= general_ids and sum(row in year_ids for row in alone) / len(alone) < 0.06
+    assert pd.draw_guard([], [], [], settings, rng) == []  # --no-guard
 
 
 def spy_on_answers_and_training(monkeypatch, on_answers) -> list:
