@@ -73,6 +73,8 @@ class Settings:
     weight_decay: float = 0.1
     epochs: int = 4  # 6 -> 5: 63 vs 60 of 138; with the blanks 5 -> 4: 46 vs 50 of 82, for the 10 minutes
     batch_size: int = 4  # 8 learned no better (12 vs 13 of 28) and peaked 0.6 GB higher
+    step_tokens: int = 512  # rows x longest row in one forward pass; a step of longer rows runs in parts,
+    # which keeps a document of long questions under 3 GB: SQuAD's new_wiki peaked 3.20 -> 2.14 GiB (README)
     warmup: float = 0.1  # share of the steps
     temperature: float = 1.0  # of the distillation loss
     guard: bool = True
@@ -658,14 +660,59 @@ def batch_loss(net, batch: list[Example], guard: list[Example], settings: Settin
     student = answer_logits(net, [e.student[len(shared):] for e in rows], [e.answer for e in rows], prefix)
     document_tokens = sum(len(e.answer) for e in batch)
     student, student_on_guard = student[:document_tokens], student[document_tokens:]
-    if settings.method == "sft":
+    zero = torch.zeros((), device=student.device)  # for a part of a step (step_parts) without such rows
+    if not batch:
+        loss = zero
+    elif settings.method == "sft":
         targets = torch.tensor([t for e in batch for t in e.answer], device=student.device)
         loss = F.cross_entropy(student.float(), targets)
     else:
         loss = distillation_loss(student, target_logits(net, batch), settings.temperature)
     if not guard:
-        return loss, torch.zeros((), device=student.device)
+        return loss, zero
     return loss, distillation_loss(student_on_guard, target_logits(net, guard), settings.temperature)
+
+
+def answer_share(rows: list[Example], of: list[Example]) -> float:
+    """The share of `of`'s answer tokens that `rows` hold: a part's weight in its step's mean loss."""
+    total = sum(len(e.answer) for e in of)
+    return sum(len(e.answer) for e in rows) / total if total else 0.0
+
+
+def step_parts(batch: list[Example], guard: list[Example], max_tokens: int):
+    """
+    A step's rows as (document rows, guard rows) parts, each a forward pass of at most `max_tokens`
+    (rows x longest row; one row at least). Activations for the backward pass take about 1.4 MB a token
+    with the 135M model, so a step of five 180-token rows would hold 1.3 GB of them; in parts, whose
+    gradients add up to the step's, it holds half. A step of short rows is one part, as before.
+    """
+    length = lambda e: len(e.student) + len(e.answer)
+    if (len(batch) + len(guard)) * max(map(length, batch + guard)) <= max_tokens:
+        return [(batch, guard)]
+    rows = sorted([(e, False) for e in batch] + [(e, True) for e in guard], key=lambda r: -length(r[0]))
+    parts = [[]]
+    for row in rows:
+        if parts[-1] and (len(parts[-1]) + 1) * length(parts[-1][0][0]) > max_tokens:
+            parts.append([])
+        parts[-1].append(row)
+    return [([e for e, is_guard in p if not is_guard], [e for e, is_guard in p if is_guard]) for p in parts]
+
+
+def backward_step(net, batch: list[Example], guard: list[Example], settings: Settings) -> tuple[float, float]:
+    """
+    Adds one step's gradients to the adapter's, a part (step_parts) at a time; returns the step's
+    document loss and its total loss (with the guard's). Each part's mean losses are weighted by the
+    part's share of the answer tokens, so the parts' gradients add up to those of the whole step.
+    """
+    loss_sum = total_sum = 0.0
+    for rows, guard_rows in step_parts(batch, guard, settings.step_tokens):
+        with precision(net, settings):  # the forward pass; backward runs outside, as autocast wants
+            loss, on_guard = batch_loss(net, rows, guard_rows, settings)
+            loss = loss * answer_share(rows, batch)
+            total = loss + settings.guard_weight * on_guard * answer_share(guard_rows, guard)
+        total.backward()
+        loss_sum, total_sum = loss_sum + loss.item(), total_sum + total.item()
+    return loss_sum, total_sum
 
 
 def draw_guard(general: list[Example], superlatives: list[Example], years: list[Example], settings: Settings,
@@ -713,18 +760,15 @@ def train(net, examples: list[Example], general: list[Example], superlatives: li
     for batches in epochs:
         for batch in batches:
             guard_rows = draw_guard(general, superlatives, years, settings, rng)
-            with precision(net, settings):  # the forward passes; backward runs outside, as autocast wants
-                loss, on_guard = batch_loss(net, batch, guard_rows, settings)
-                total = loss + settings.guard_weight * on_guard
-            if not torch.isfinite(total):
-                raise InputError(f"loss became {total.item()} at step {step + 1}; try a lower --lr "
+            loss, total = backward_step(net, batch, guard_rows, settings)
+            if not math.isfinite(total):
+                raise InputError(f"loss became {total} at step {step + 1}; try a lower --lr "
                                  "(no adapter was written)")
-            total.backward()
             torch.nn.utils.clip_grad_norm_(lora.lora_parameters(net), 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(loss)
             step += 1
             progress.update(loss=sum(losses[-10:]) / len(losses[-10:]), lr=schedule.get_last_lr()[0])
     progress.close()
@@ -1198,7 +1242,7 @@ def main() -> int:
                         help="the teacher also sees the sentence each question was written from")
     for name in ("questions_per_passage", "rank", "alpha", "lr", "epochs", "batch_size", "temperature",
                  "guard_weight", "guard_batch", "superlative_share", "year_share", "question_temperature",
-                 "passage_tokens", "generation_batch", "pairs_per_fact", "top_up_rounds", "seed"):
+                 "step_tokens", "passage_tokens", "generation_batch", "pairs_per_fact", "top_up_rounds", "seed"):
         parser.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)),
                             default=getattr(defaults, name))
     args = parser.parse_args()

@@ -394,6 +394,36 @@ def test_guard_rows_in_the_same_pass_do_not_change_the_document_loss(tiny_llama)
         assert mixed.item() == pytest.approx(alone.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("method", ["distill", "sft"])
+def test_a_step_run_in_parts_has_the_gradients_of_the_whole_step(tiny_llama, method):
+    """A step of long rows runs in parts (step_parts) to bound its memory; its gradients must not change."""
+    path, _ = tiny_llama
+    net, _, _ = m.load(path)
+    lora.inject_lora(net, r=4, alpha=4)
+    batch = [pd.Example([3], [4, 11], [5, 6, 9, 10, 11, 12], [6, 2]), pd.Example([3], [12], [5, 6, 9], [7, 8, 9, 2]),
+             pd.Example([3], [4, 13], [5, 6, 14], [8, 2]), pd.Example([3], [15], [5, 6, 9, 10], [7, 10, 11, 12, 2])]
+    guard = [pd.Example([], [5, 6, 13, 14], [5, 6, 13, 14], [6, 7, 2]), pd.Example([], [5, 6, 15], [5, 6, 15], [8, 2])]
+    pd.compute_targets(net, batch + guard, pd.Settings(precision="fp32"))
+    perturb(net)
+
+    def step(max_tokens):
+        net.zero_grad()
+        settings = pd.Settings(method=method, precision="fp32", step_tokens=max_tokens, guard_weight=0.5)
+        parts = pd.step_parts(batch, guard, max_tokens)
+        loss, total = pd.backward_step(net, batch, guard, settings)
+        return parts, loss, total, [p.grad.clone() for p in lora.lora_parameters(net)]
+
+    whole, in_parts = step(10**6), step(16)
+    assert whole[0] == [(batch, guard)]
+    assert [[len(e.student) + len(e.answer) for e in rows + g] for rows, g in in_parts[0]] == [[9], [8, 7], [5, 7], [5]]
+    assert sorted(map(id, (e for rows, g in in_parts[0] for e in rows + g))) == sorted(map(id, batch + guard))
+    assert in_parts[1] == pytest.approx(whole[1], rel=1e-5) and in_parts[2] == pytest.approx(whole[2], rel=1e-5)
+    assert whole[2] > whole[1] > 0.01
+    for a, b in zip(whole[3], in_parts[3]):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    assert sum(g.abs().sum() for g in whole[3]) > 0
+
+
 # Bad input: one line, non-zero exit, nothing written
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
