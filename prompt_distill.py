@@ -1052,6 +1052,10 @@ def run(args, settings: Settings) -> int:
         times[stage], peaks[stage] = time.time() - start, peak_memory_gb()
 
     net, tokenizer, chat = m.load(args.model, device=args.device)
+    linear = {name.rpartition(".")[2] for name, module in net.named_modules() if isinstance(module, torch.nn.Linear)}
+    if unknown := sorted(set(settings.targets) - linear):  # now, not after minutes of generation
+        raise InputError(f"--targets: the model has no linear layer named {' '.join(unknown)} "
+                         f"(it has {' '.join(sorted(linear))})")
     prompts = Prompts(tokenizer, chat)
     passages = document_passages(document, prompts, net, settings.passage_tokens)  # what the teacher sees
     print(f"document: {len(document.split())} words in {len(passages)} passage(s); "
@@ -1240,6 +1244,8 @@ def main() -> int:
                         help="do not add the questions that blank each name and number of the document")
     parser.add_argument("--point-teacher", action="store_true",
                         help="the teacher also sees the sentence each question was written from")
+    parser.add_argument("--targets", nargs="+", default=list(defaults.targets),
+                        help="the linear layers that get an adapter, by name (add lm_head as the paper does)")
     for name in ("questions_per_passage", "rank", "alpha", "lr", "epochs", "batch_size", "temperature",
                  "guard_weight", "guard_batch", "superlative_share", "year_share", "question_temperature",
                  "step_tokens", "passage_tokens", "generation_batch", "pairs_per_fact", "top_up_rounds", "seed"):
@@ -1247,6 +1253,7 @@ def main() -> int:
                             default=getattr(defaults, name))
     args = parser.parse_args()
     settings = Settings(**{k: getattr(args, k) for k in asdict(defaults) if hasattr(args, k)})
+    settings.targets = tuple(settings.targets)
     try:
         shares = (settings.superlative_share, settings.year_share)
         if min(shares) < 0 or sum(shares) > 1:

@@ -467,6 +467,13 @@ def test_guard_shares_above_one_together_are_refused(tmp_path):
         assert not (tmp_path / "o").exists()
 
 
+def test_a_target_the_model_does_not_have_is_refused_before_any_work(tiny_llama, tmp_path):
+    result = run_cli("--doc", DOC, "--model", tiny_llama[0], "--out", str(tmp_path / "o"),
+                     "--targets", "q_proj", "qproj")
+    assert_one_line_error(result, "no linear layer named qproj")
+    assert not (tmp_path / "o").exists()
+
+
 def test_existing_adapter_is_not_overwritten(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -510,6 +517,16 @@ def test_end_to_end_on_a_tiny_model_writes_adapter_qa_and_report(tiny_run, tiny_
     net, _, _ = m.load(tiny_llama[0])
     lora.load_adapter(net, str(out))  # the saved adapter loads back
     assert [p for p in os.listdir(out.parent) if "partial" in p] == []
+
+
+def test_lm_head_joins_the_targets_and_its_adapter_trains_and_loads_back(tiny_run, tiny_llama):
+    run, out = tiny_run
+    assert run("--eval", QA, "--targets", "q_proj", "v_proj", "lm_head") == 0
+    config = json.load(open(out / "adapter_config.json"))
+    assert config["target_modules"] == ["lm_head", "q_proj", "v_proj"]
+    net, _, _ = m.load(tiny_llama[0])
+    lora.load_adapter(net, str(out))
+    assert net.lm_head.lora_B.weight.abs().sum() > 0  # trained: B starts at zero
 
 
 def test_sft_baseline_reports_under_its_own_name(tiny_run):
