@@ -394,6 +394,32 @@ def test_guard_rows_in_the_same_pass_do_not_change_the_document_loss(tiny_llama)
         assert mixed.item() == pytest.approx(alone.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("ratio", [1.0, 3.0])
+def test_lora_b_learns_at_lr_times_lr_b_ratio(tiny_llama, ratio):
+    """
+    LoRA+: on the first step B = 0, so A gets no gradient and only weight decay moves it, while Adam moves
+    every element of B that has a gradient by its whole learning rate: lr x lr_b_ratio.
+    """
+    path, _ = tiny_llama
+    net, _, _ = m.load(path)
+    lora.inject_lora(net, r=4, alpha=4)
+    layers = [module for module in net.modules() if isinstance(module, lora.LoRALinear)]
+    A_before = [layer.lora_A.weight.detach().clone() for layer in layers]
+    settings = pd.Settings(precision="fp32", epochs=1, batch_size=1, lr=1e-3, lr_b_ratio=ratio, guard=False)
+    pd.train(net, [pd.Example([], [3, 4, 11], [5, 9], [6, 7, 2])], [], [], [], settings)
+    steps = torch.cat([layer.lora_B.weight.detach().abs().flatten() for layer in layers])
+    assert steps.max().item() == pytest.approx(1e-3 * ratio, rel=1e-3)
+    for layer, before in zip(layers, A_before):
+        assert torch.allclose(layer.lora_A.weight, before * (1 - 1e-3 * settings.weight_decay))
+
+
+def test_a_learning_rate_of_zero_or_less_is_refused(tmp_path):
+    for flags in (["--lr", "0"], ["--lr-b-ratio", "-1"]):
+        result = run_cli("--doc", DOC, "--out", str(tmp_path / "o"), *flags)
+        assert_one_line_error(result, "--lr-b-ratio")
+        assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("method", ["distill", "sft"])
 def test_a_step_run_in_parts_has_the_gradients_of_the_whole_step(tiny_llama, method):
     """A step of long rows runs in parts (step_parts) to bound its memory; its gradients must not change."""
