@@ -71,7 +71,7 @@ class Settings:
     targets: tuple = lora.DEFAULT_TARGETS
     lr: float = 1e-3
     lr_b_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): B learns at lr x this. 2 recalls more of the pairs
-    # but scores no better on the gold questions, and drifts 1.2-1.7x further (README)
+    # but answers no more gold questions (55 vs 54 of 110) and drifts 1.5-1.7x further (README)
     weight_decay: float = 0.1
     epochs: int = 4  # 6 -> 5: 63 vs 60 of 138; with the blanks 5 -> 4: 46 vs 50 of 82, for the 10 minutes
     batch_size: int = 4  # 8 learned no better (12 vs 13 of 28) and peaked 0.6 GB higher
@@ -1252,8 +1252,9 @@ def main() -> int:
     parser.add_argument("--targets", nargs="+", default=list(defaults.targets),
                         help="the linear layers that get an adapter, by name (add lm_head as the paper does)")
     for name in ("questions_per_passage", "rank", "alpha", "lr", "lr_b_ratio", "epochs", "batch_size",
-                 "temperature", "guard_weight", "guard_batch", "superlative_share", "year_share", "question_temperature",
-                 "step_tokens", "passage_tokens", "generation_batch", "pairs_per_fact", "top_up_rounds", "seed"):
+                 "temperature", "guard_weight", "guard_batch", "superlative_share", "year_share",
+                 "question_temperature", "step_tokens", "passage_tokens", "generation_batch", "pairs_per_fact",
+                 "top_up_rounds", "seed"):
         parser.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)),
                             default=getattr(defaults, name))
     args = parser.parse_args()
