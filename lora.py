@@ -83,9 +83,9 @@ def inject_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: floa
     return paths
 
 
-def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable adapter weights, for the optimizer."""
-    return [p for _, m in _lora_layers(model) for p in (m.lora_A.weight, m.lora_B.weight)]
+def lora_parameters(model: nn.Module, matrices: str = "AB") -> list[nn.Parameter]:
+    """The trainable adapter weights, for the optimizer: A and B, or only "A" or "B" (LoRA+ gives B its own lr)."""
+    return [getattr(m, f"lora_{x}").weight for _, m in _lora_layers(model) for x in matrices]
 
 
 @contextmanager

@@ -746,10 +746,9 @@ def train(net, examples: list[Example], general: list[Example], superlatives: li
     rng = random.Random(settings.seed)
     epochs = [make_batches(examples, settings.batch_size, rng) for _ in range(settings.epochs)]
     steps = sum(len(e) for e in epochs)
-    layers = [module for module in net.modules() if isinstance(module, lora.LoRALinear)]
-    optimizer = torch.optim.AdamW([{"params": [layer.lora_A.weight for layer in layers], "lr": settings.lr},
-                                   {"params": [layer.lora_B.weight for layer in layers],
-                                    "lr": settings.lr * settings.lr_b_ratio}], weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW([{"params": lora.lora_parameters(net, "A"), "lr": settings.lr},
+                                   {"params": lora.lora_parameters(net, "B"), "lr": settings.lr * settings.lr_b_ratio}],
+                                  weight_decay=settings.weight_decay)
     warmup = max(1, int(settings.warmup * steps))
 
     def lr_factor(step):  # linear warm-up, then cosine decay to zero

@@ -403,14 +403,13 @@ def test_lora_b_learns_at_lr_times_lr_b_ratio(tiny_llama, ratio):
     path, _ = tiny_llama
     net, _, _ = m.load(path)
     lora.inject_lora(net, r=4, alpha=4)
-    layers = [module for module in net.modules() if isinstance(module, lora.LoRALinear)]
-    A_before = [layer.lora_A.weight.detach().clone() for layer in layers]
+    A_before = [A.detach().clone() for A in lora.lora_parameters(net, "A")]
     settings = pd.Settings(precision="fp32", epochs=1, batch_size=1, lr=1e-3, lr_b_ratio=ratio, guard=False)
     pd.train(net, [pd.Example([], [3, 4, 11], [5, 9], [6, 7, 2])], [], [], [], settings)
-    steps = torch.cat([layer.lora_B.weight.detach().abs().flatten() for layer in layers])
+    steps = torch.cat([B.detach().abs().flatten() for B in lora.lora_parameters(net, "B")])
     assert steps.max().item() == pytest.approx(1e-3 * ratio, rel=1e-3)
-    for layer, before in zip(layers, A_before):
-        assert torch.allclose(layer.lora_A.weight, before * (1 - 1e-3 * settings.weight_decay))
+    for A, before in zip(lora.lora_parameters(net, "A"), A_before):
+        assert torch.allclose(A, before * (1 - 1e-3 * settings.weight_decay))
 
 
 def test_a_learning_rate_of_zero_or_less_is_refused(tmp_path):
