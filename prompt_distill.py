@@ -68,8 +68,8 @@ class Settings:
     passage_tokens: int = 160  # about a paragraph: distilled 30 -> 38 of 82 against the page (README)
     rank: int = 32
     alpha: float = 32.0
-    targets: tuple = lora.DEFAULT_TARGETS  # the MLP only, with the fifth epoch the time saved pays for,
-    # tied (81 vs 78 of 164) with 0.45-0.84x the drift and 1.04x the training (README)
+    targets: tuple = lora.DEFAULT_TARGETS  # the MLP only, with a fifth epoch for the time it saves, tied:
+    # 81 vs 78 of 164, at 0.45-0.84x the drift and 1.04x the training time (README)
     lr: float = 1e-3
     lr_b_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): B learns at lr x this. 2 recalls more of the pairs
     # but answers no more gold questions (55 vs 54 of 110) and drifts 1.5-1.7x further (README)
