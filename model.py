@@ -494,7 +494,12 @@ def safetensors_files(path: str) -> list[str]:
 
 
 def default_device_and_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:  # an unknown device, or CUDA in a CPU-only PyTorch, fails here rather than in the middle of loading
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise ModelError(f"device {name!r} is not usable here: {str(e).splitlines()[0]}") from None
     if dtype is None:
         # bfloat16 halves memory and is fast on GPUs; CPUs are faster and exact in float32.
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -503,6 +508,7 @@ def default_device_and_dtype(device=None, dtype=None) -> tuple[torch.device, tor
 
 def load(path: str | None = None, device=None, dtype=None) -> tuple[Transformer, Tokenizer, Chat]:
     """Load a Hugging Face-style folder (or, with path=None, the default model) -> (model, tokenizer, chat)."""
+    device, dtype = default_device_and_dtype(device, dtype)
     path = default_model_dir() if path is None else path
     if not os.path.isdir(path):
         raise ModelError(f"model folder not found: {path}")
@@ -512,7 +518,6 @@ def load(path: str | None = None, device=None, dtype=None) -> tuple[Transformer,
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
         raise ModelError(f"missing tokenizer.json in {path}")
     tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-    device, dtype = default_device_and_dtype(device, dtype)
 
     # Build on the meta device (no memory), then adopt each tensor as it is read and converted,
     # so at no point do two copies of the weights exist.

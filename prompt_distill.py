@@ -4,8 +4,8 @@ Knowledge injection via prompt distillation (Kujanpaa et al., arXiv 2412.14964),
     python prompt_distill.py --doc notes.txt --eval notes.qa.jsonl
 
 1. The model, with a passage of the document in its prompt, writes questions about its sentences and
-   answers them; then more questions about the sentences that few of its answers state, and each name
-   and number of the document blanked out, to fill in.
+   answers them; then each name and number of the document, blanked out of its sentence, to fill in
+   (and with --top-up-rounds, more questions about the sentences that few of its answers state).
 2. A student (the same frozen model plus a LoRA adapter) that does NOT see the passage is trained to
    match the teacher's (adapters off, passage in the prompt) full next-token distributions on the answer
    tokens, with a temperature-scaled KL loss. One model in memory is both: lora_disabled() is the teacher.
@@ -90,6 +90,29 @@ class Settings:
     holdout: float = 0.1  # share of generated questions kept out of training (used when no --eval)
     precision: str = "auto"  # "bf16": autocast matmuls to bfloat16; "auto": where the CPU has bf16 units
     seed: int = 0
+
+
+def check_settings(s: Settings) -> None:
+    """Refuse, before any model loads, a setting that would fail or silently do nothing minutes later."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+    at_least = {"questions_per_passage": 1, "rank": 1, "epochs": 1, "batch_size": 1, "guard_batch": 1,
+                "generation_batch": 1, "step_tokens": 1, "passage_tokens": 16, "pairs_per_fact": 0,
+                "top_up_rounds": 0}
+    for name, low in at_least.items():
+        if getattr(s, name) < low and (s.guard or name != "guard_batch"):
+            hint = " (--no-guard trains without the guard)" if name == "guard_batch" else ""
+            raise InputError(f"{flag(name)} must be at least {low}{hint}")
+    for name in ("alpha", "lr", "lr_b_ratio", "temperature"):
+        if not 0 < getattr(s, name) < math.inf:  # written so that nan is refused too
+            raise InputError(f"{flag(name)} must be a number above 0")
+    for name in ("guard_weight", "question_temperature"):
+        if not 0 <= getattr(s, name) < math.inf:
+            raise InputError(f"{flag(name)} must be a number of at least 0")
+    shares = (s.superlative_share, s.year_share)
+    if not (min(shares) >= 0 and sum(shares) <= 1):
+        raise InputError("--superlative-share and --year-share are shares of the guard's rows: "
+                         "each at least 0, together at most 1")
 
 
 # -----------------------------------------------------------------------------
@@ -1261,12 +1284,7 @@ def main() -> int:
     settings = Settings(**{k: getattr(args, k) for k in asdict(defaults) if hasattr(args, k)})
     settings.targets = tuple(settings.targets)
     try:
-        shares = (settings.superlative_share, settings.year_share)
-        if min(shares) < 0 or sum(shares) > 1:
-            raise InputError("--superlative-share and --year-share are shares of the guard's rows: "
-                             "each at least 0, together at most 1")
-        if settings.lr <= 0 or settings.lr_b_ratio <= 0:
-            raise InputError("--lr and --lr-b-ratio must be above 0")
+        check_settings(settings)
         if args.adapter:
             if not (args.ask or args.eval):
                 raise InputError("--adapter needs --eval QA.jsonl or --ask QUESTION")

@@ -160,6 +160,12 @@ def test_missing_folder_is_one_line(tmp_path):
     assert_one_line_error(run_demo(str(tmp_path / "nope")), "model folder not found")
 
 
+@pytest.mark.parametrize("device", ["nodevice", "cuda:0" if not torch.cuda.is_available() else "cuda:4096"])
+def test_a_device_this_machine_lacks_is_refused_by_name(tiny_llama, device):
+    with pytest.raises(m.ModelError, match=f"device '{device}' is not usable here"):
+        m.load(tiny_llama[0], device=device)
+
+
 @pytest.mark.parametrize("remove, words", [
     ("config.json", "missing config.json"),
     ("model.safetensors", "missing model.safetensors"),

@@ -412,11 +412,6 @@ def test_lora_b_learns_at_lr_times_lr_b_ratio(tiny_llama, ratio):
         assert torch.allclose(A, before * (1 - 1e-3 * settings.weight_decay))
 
 
-def test_a_learning_rate_of_zero_or_less_is_refused(tmp_path):
-    for flags in (["--lr", "0"], ["--lr-b-ratio", "-1"]):
-        result = run_cli("--doc", DOC, "--out", str(tmp_path / "o"), *flags)
-        assert_one_line_error(result, "--lr-b-ratio")
-        assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("method", ["distill", "sft"])
@@ -485,11 +480,27 @@ def test_malformed_eval_line_is_named(tmp_path):
     assert_one_line_error(run_cli("--doc", DOC, "--eval", str(qa), "--out", str(tmp_path / "o")), "line 3")
 
 
-def test_guard_shares_above_one_together_are_refused(tmp_path):
-    for shares in (["--superlative-share", "1.5"], ["--superlative-share", "0.5", "--year-share", "0.6"]):
-        result = run_cli("--doc", DOC, "--out", str(tmp_path / "o"), *shares)
-        assert_one_line_error(result, "--year-share")
-        assert not (tmp_path / "o").exists()
+@pytest.mark.parametrize("flags, words", [
+    (["--lr", "0"], "--lr must be a number above 0"),
+    (["--lr", "nan"], "--lr must be a number above 0"),
+    (["--lr-b-ratio", "-1"], "--lr-b-ratio must be a number above 0"),
+    (["--temperature", "inf"], "--temperature must be a number above 0"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--rank", "0"], "--rank must be at least 1"),
+    (["--guard-batch", "0"], "--no-guard trains without the guard"),
+    (["--superlative-share", "1.5"], "--year-share"),
+    (["--superlative-share", "0.5", "--year-share", "0.6"], "together at most 1"),
+])
+def test_a_setting_out_of_its_range_is_refused_before_any_work(tmp_path, flags, words):
+    result = run_cli("--doc", DOC, "--out", str(tmp_path / "o"), "--model", str(tmp_path / "no model"), *flags)
+    assert_one_line_error(result, words)  # the settings' error, not the missing model's: they come first
+    assert not (tmp_path / "o").exists()
+
+
+def test_guard_batch_zero_is_refused_only_with_the_guard_on():
+    pd.check_settings(pd.Settings(guard=False, guard_batch=0))
+    with pytest.raises(pd.InputError):
+        pd.check_settings(pd.Settings(guard_batch=0))
 
 
 def test_a_target_the_model_does_not_have_is_refused_before_any_work(tiny_llama, tmp_path):
