@@ -1074,10 +1074,12 @@ def run(args, settings: Settings) -> int:
     general_qa, guard_prompts, drift_prompts = load_general(settings)
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
-    times, peaks = {}, {}  # seconds and peak memory (GiB) at the end of each stage
+    times, peaks, gpu_peaks = {}, {}, {}  # seconds and peak memory (GiB) at the end of each stage
 
     def finished(stage: str, start: float) -> None:
         times[stage], peaks[stage] = time.time() - start, peak_memory_gb()
+        if torch.cuda.is_initialized():  # the model is on a GPU, whose memory is the one that runs out
+            gpu_peaks[stage] = torch.cuda.max_memory_allocated() / 2**30
 
     net, tokenizer, chat = m.load(args.model, device=args.device)
     linear = {name.rpartition(".")[2] for name, module in net.named_modules() if isinstance(module, torch.nn.Linear)}
@@ -1191,7 +1193,7 @@ def run(args, settings: Settings) -> int:
             "guard_prompts": {"general": len(general), "superlatives": len(superlatives), "years": len(years)},
             "metric": "accuracy (gold answer contained)" if eval_items else "token F1 against the open-book answer",
             "accuracy": accuracies, "forgetting": {k: v for k, v in forgetting.items() if k != "general_answers"},
-            "seconds": times, "peak_memory_gb": peaks,
+            "seconds": times, "peak_memory_gb": peaks, "peak_gpu_memory_gb": gpu_peaks or None,
             "loss_first_epoch": epoch_loss(losses, settings, 0), "loss_last_epoch": epoch_loss(losses, settings, -1),
             "eval": evaluated,
             "general_answers": forgetting["general_answers"],
@@ -1219,7 +1221,10 @@ def run(args, settings: Settings) -> int:
                   f"{forgetting['leakage_adapted']:.2f}"),
                  ("drift (KL on general prompts)", "0", f"{forgetting['drift']:.4f}")])
     print()
-    print_table([("stage", "seconds", "peak GiB")] + [(k, f"{times[k]:.0f}", f"{peaks[k]:.1f}") for k in times])
+    header, rows = ("stage", "seconds", "peak GiB"), [(k, f"{times[k]:.0f}", f"{peaks[k]:.1f}") for k in times]
+    if gpu_peaks:
+        header, rows = header + ("GPU peak GiB",), [row + (f"{gpu_peaks[row[0]]:.1f}",) for row in rows]
+    print_table([header] + rows)
     print(f"\nadapter, qa.jsonl and report.json in {out}")
     return 0
 

@@ -547,6 +547,7 @@ def test_end_to_end_on_a_tiny_model_writes_adapter_qa_and_report(tiny_run, tiny_
                   "retention_lost", "retention_lost_on_near_ties"}
     assert forgetting <= set(report["forgetting"])
     assert all(0 <= a["base_first_token_margin"] <= 1 for a in report["general_answers"])
+    assert set(report["peak_memory_gb"]) == set(report["seconds"]) and report["peak_gpu_memory_gb"] is None  # CPU
     assert len(report["eval"]) == sum(1 for _ in open(QA))
     assert set(report["eval"][0]) == {"question", "answers", "closed_book", "open_book", "distilled",
                                       "pairs_stating_answer"}
