@@ -62,7 +62,6 @@ class Settings:
     # blanks; with them, 2 rounds score 90 vs 89 of 164 and take 10:03 vs 8:37 of the 10 minutes (README)
     blanks: bool = True  # also ask for each name and number, blanked out: 90 vs 72 of 164 (README)
     blank_answers: str = "teacher"  # or "sentence", the one it was cut from: 84 vs 89 of 164 (README)
-    same_answer_cap: int = 0  # at most this many training pairs share an answer's first words (0: no cap)
     answer_temperature: float = 0.0  # greedy: sampled at 1.0, both methods lost half their score (README)
     max_answer_tokens: int = 32
     generation_batch: int = 64  # rows decoded together at most: 1.3x the rows/s of 32 here
@@ -99,7 +98,7 @@ def check_settings(s: Settings) -> None:
         return "--" + name.replace("_", "-")
     at_least = {"questions_per_passage": 1, "rank": 1, "epochs": 1, "batch_size": 1, "guard_batch": 1,
                 "generation_batch": 1, "step_tokens": 1, "passage_tokens": 16, "pairs_per_fact": 0,
-                "top_up_rounds": 0, "same_answer_cap": 0}
+                "top_up_rounds": 0}
     for name, low in at_least.items():
         if getattr(s, name) < low and (s.guard or name != "guard_batch"):
             hint = " (--no-guard trains without the guard)" if name == "guard_batch" else ""
@@ -467,24 +466,6 @@ def stated(question: str, answer: str, words: set[str]) -> set[str]:
     like that, and they are dropped.
     """
     return (word_set(answer) - word_set(question)) & words
-
-
-def cap_same_answers(qa: list, words: set[str], decode, cap: int) -> list:
-    """
-    At most cap of the (passage index, question, sentence, answer ids) pairs whose answers begin with the
-    same 8 words. The 135M teacher gives one sentence of the passage as its answer to many questions about
-    other sentences (kelvaran: "The expedition lasted 211 days, and no members were lost." 14 times, to
-    blanks about the day the team returned among them), and a student trained on that answers unrelated
-    questions with it. Kept first: the pairs whose answer states only what their own sentence says.
-    """
-    groups = collections.defaultdict(list)
-    for pair in qa:
-        groups[" ".join(normalize(decode(pair[3])).split()[:8])].append(pair)
-    kept = []
-    for pairs in groups.values():
-        own = [x for x in pairs if stated(x[1], decode(x[3]), words) <= word_set(x[2])]
-        kept += (own + [x for x in pairs if x not in own])[:cap]
-    return kept
 
 
 def top_up(net, prompts: Prompts, passages, qa: list, words: set[str], settings: Settings, generator) -> list:
@@ -1141,8 +1122,6 @@ def run(args, settings: Settings) -> int:
                                        settings, generator, stage="blanks")
         qa += [(p, q, fact, a) for (p, q, fact), a in zip(asked, answers) if stated(q, prompts.decode(a), words)]
         finished("blanks", start)
-    if settings.same_answer_cap:
-        qa = held_out + cap_same_answers(qa[len(held_out):], words, prompts.decode, settings.same_answer_cap)
     train_qa = qa[len(held_out):]  # in any order: make_batches shuffles
     examples = []
     for p, q, fact, a in train_qa:
@@ -1303,7 +1282,7 @@ def main() -> int:
     for name in ("questions_per_passage", "rank", "alpha", "lr", "lr_b_ratio", "epochs", "batch_size",
                  "temperature", "guard_weight", "guard_batch", "superlative_share", "year_share",
                  "question_temperature", "step_tokens", "passage_tokens", "generation_batch", "pairs_per_fact",
-                 "top_up_rounds", "same_answer_cap", "seed"):
+                 "top_up_rounds", "seed"):
         parser.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)),
                             default=getattr(defaults, name))
     args = parser.parse_args()

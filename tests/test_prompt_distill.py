@@ -247,17 +247,6 @@ def test_a_pair_teaches_the_fact_words_its_answer_adds_to_its_question():
     assert pd.stated("Is Odessa Marchbank the mayor?", "Odessa Marchbank is the mayor.", words) == set()
 
 
-def test_cap_same_answers_keeps_first_the_pairs_whose_answer_is_their_own_sentence():
-    words = pd.fact_words(PASSAGE)
-    ferry = "The ferry to Pellow Island runs nine times a day, every day of the year."
-    about_mayor = [(0, f"Who is mayor number {i}?", MAYOR, ferry) for i in range(3)]  # the wrong sentence's answer
-    about_ferry = [(0, f"How often does the ferry run, {i}?", FERRY, ferry) for i in range(2)]
-    other = (0, "Who is the mayor?", MAYOR, "Odessa Marchbank is the mayor.")
-    kept = pd.cap_same_answers(about_mayor + about_ferry + [other], words, lambda a: a, cap=3)
-    assert sorted(kept) == sorted(about_ferry + about_mayor[:1] + [other])
-    assert pd.cap_same_answers(about_mayor + [other], words, lambda a: a, cap=5) == about_mayor + [other]
-
-
 def test_top_up_asks_again_about_the_sentences_that_few_pairs_state(monkeypatch):
     qa = [(0, f"Who is mayor number {i}?", MAYOR, "Odessa Marchbank.") for i in range(6)]  # 6 state the mayor
     calls = []
