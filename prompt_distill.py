@@ -61,7 +61,6 @@ class Settings:
     top_up_rounds: int = 0  # asking again about sentences few pairs state won 86 vs 75 of 164 before the
     # blanks; with them, 2 rounds score 90 vs 89 of 164 and take 10:03 vs 8:37 of the 10 minutes (README)
     blanks: bool = True  # also ask for each name and number, blanked out: 90 vs 72 of 164 (README)
-    blank_completions: bool = True  # also "Complete the sentence: ..." where 3 words come before the blank
     blank_answers: str = "teacher"  # or "sentence", the one it was cut from: 84 vs 89 of 164 (README)
     answer_temperature: float = 0.0  # greedy: sampled at 1.0, both methods lost half their score (README)
     max_answer_tokens: int = 32
@@ -507,7 +506,7 @@ CAPITALISED_RUN = r"[A-Z][\w'\-]*(?: (?:of |the )?[A-Z][\w'\-]*)*"  # "the Museu
 NAME_OR_NUMBER = re.compile(CAPITALISED_RUN + r"|\b\d[\d,.]*\d\b|\b\d\b")
 
 
-def blanked_questions(passages: list[str], document: str, completions: bool = True) -> list[tuple[int, str, str]]:
+def blanked_questions(passages: list[str], document: str) -> list[tuple[int, str, str]]:
     """
     (passage index, question, sentence) for each run of capitalised words that holds one of the
     document's names ("the Greywillow Lighthouse"), and each of its numbers. A name found in more than
@@ -528,7 +527,7 @@ def blanked_questions(passages: list[str], document: str, completions: bool = Tr
                     continue
                 before, after = sentence[:match.start()], sentence[match.start() + len(span):]
                 questions.append((index, f'Fill in the blank: "{before}___{after}"', sentence))
-                if completions and len(before.split()) >= 3:
+                if len(before.split()) >= 3:
                     questions.append((index, f'Complete the sentence: "{before.rstrip()} ..."', sentence))
     return questions
 
@@ -1115,7 +1114,7 @@ def run(args, settings: Settings) -> int:
     held_out = [] if eval_items else qa[: max(3, int(settings.holdout * len(qa)))]  # of the model's own questions
     if settings.blanks:
         start = time.time()
-        asked = blanked_questions(passages, document, settings.blank_completions)
+        asked = blanked_questions(passages, document)
         if settings.blank_answers == "sentence":  # the right answer is known, though the teacher may miss it
             answers = [prompts.reply(sentence) for _, _, sentence in asked]
         else:
@@ -1276,8 +1275,6 @@ def main() -> int:
                         help="train the blanks on the teacher's answer or on the sentence they were cut from")
     parser.add_argument("--no-blanks", dest="blanks", action="store_false",
                         help="do not add the questions that blank each name and number of the document")
-    parser.add_argument("--no-completions", dest="blank_completions", action="store_false",
-                        help="blanks only as 'Fill in the blank', without 'Complete the sentence'")
     parser.add_argument("--point-teacher", action="store_true",
                         help="the teacher also sees the sentence each question was written from")
     parser.add_argument("--targets", nargs="+", default=list(defaults.targets),
