@@ -92,17 +92,20 @@ class Settings:
     seed: int = 0
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a Settings field: guard_batch -> --guard-batch."""
+    return "--" + name.replace("_", "-")
+
+
 def check_settings(s: Settings) -> None:
     """Refuse, before any model loads, a setting that would fail or silently do nothing minutes later."""
-    def flag(name):
-        return "--" + name.replace("_", "-")
-    at_least = {"questions_per_passage": 1, "rank": 1, "epochs": 1, "batch_size": 1, "guard_batch": 1,
-                "generation_batch": 1, "step_tokens": 1, "passage_tokens": 16, "pairs_per_fact": 0,
-                "top_up_rounds": 0}
+    at_least = {"questions_per_passage": 1, "rank": 1, "epochs": 1, "batch_size": 1, "generation_batch": 1,
+                "step_tokens": 1, "passage_tokens": 16, "pairs_per_fact": 0, "top_up_rounds": 0}
     for name, low in at_least.items():
-        if getattr(s, name) < low and (s.guard or name != "guard_batch"):
-            hint = " (--no-guard trains without the guard)" if name == "guard_batch" else ""
-            raise InputError(f"{flag(name)} must be at least {low}{hint}")
+        if getattr(s, name) < low:
+            raise InputError(f"{flag(name)} must be at least {low}")
+    if s.guard and s.guard_batch < 1:
+        raise InputError("--guard-batch must be at least 1 (--no-guard trains without the guard)")
     for name in ("alpha", "lr", "lr_b_ratio", "temperature"):
         if not 0 < getattr(s, name) < math.inf:  # written so that nan is refused too
             raise InputError(f"{flag(name)} must be a number above 0")
@@ -1283,7 +1286,7 @@ def main() -> int:
                  "temperature", "guard_weight", "guard_batch", "superlative_share", "year_share",
                  "question_temperature", "step_tokens", "passage_tokens", "generation_batch", "pairs_per_fact",
                  "top_up_rounds", "seed"):
-        parser.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)),
+        parser.add_argument(flag(name), type=type(getattr(defaults, name)),
                             default=getattr(defaults, name))
     args = parser.parse_args()
     settings = Settings(**{k: getattr(args, k) for k in asdict(defaults) if hasattr(args, k)})
