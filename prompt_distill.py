@@ -834,9 +834,25 @@ def read_eval_file(path: str) -> list[dict]:
     return items
 
 
+def answer_words(text: str) -> list[str]:
+    """
+    The words an answer is scored on: lowercase, no articles, a number's thousands commas dropped (9,000
+    is 9000) and every other mark a break between words, so "24-hour" holds 24 and "100.0" holds 100.
+    """
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.lower())
+    return [w for w in re.findall(r"\w+", text) if w not in ("a", "an", "the")]
+
+
 def is_correct(answer: str, golds: list[str]) -> bool:
-    answer = normalize(answer)
-    return any(normalize(g) and normalize(g) in answer for g in golds)
+    """
+    The answer holds one of the gold strings' words, in order, as whole words. A plain substring would
+    count "There are 120 months in a year" as 12 and "2400 minutes in a day" as 24.
+    """
+    words = answer_words(answer)
+    for gold in map(answer_words, golds):
+        if gold and any(words[i:i + len(gold)] == gold for i in range(len(words) - len(gold) + 1)):
+            return True
+    return False
 
 
 def accuracy(answers: list[str], golds: list[list[str]]) -> float:
@@ -864,7 +880,7 @@ def coverage_table(stating: list[int], golds, opened: list[str], adapted: list[s
 
 
 def token_f1(answer: str, gold: str) -> float:
-    a, g = normalize(answer).split(), normalize(gold).split()
+    a, g = answer_words(answer), answer_words(gold)
     common = sum(min(a.count(w), g.count(w)) for w in set(a) & set(g))
     return 0.0 if common == 0 else 2 * common / (len(a) + len(g))
 

@@ -220,6 +220,19 @@ def test_is_correct_needs_the_normalised_gold_inside_the_answer():
     assert pd.is_correct("The mayor is Harriet Quell.", ["harriet quell"])
     assert not pd.is_correct("The mayor is Harriet.", ["Harriet Quell"])
     assert pd.is_correct("It was founded in 1,847? No: 1847.", ["1847"])
+    assert pd.is_correct("She borrowed 9000 crowns.", ["9,000 crowns"])
+
+
+def test_is_correct_matches_whole_words_only():
+    # wrong answers that a substring match took for right ones (the adapted model's, in the retention set)
+    assert not pd.is_correct("There are 120 months in a year.", ["twelve", "12"])
+    assert not pd.is_correct("There are 2400 minutes in a day.", ["24"])
+    assert not pd.is_correct("The twin village is Fendlestrandholm.", ["Fendlestrand"])
+    # a mark inside a word still separates it
+    assert pd.is_correct("A day is a 24-hour period.", ["24"])
+    assert pd.is_correct("Water boils at approximately 100.0 degrees Celsius.", ["100"])
+    assert pd.is_correct("It was minus 61 degrees.", ["-61"])
+    assert not pd.is_correct("It was -261.6°C.", ["-61"])
 
 
 def test_a_pair_states_an_answer_only_when_its_question_does_not_hand_it_over():
