@@ -3,7 +3,8 @@ Speed and memory of our model.py + lora.py against the reference (transformers +
 
     python bench.py                 # the default model, on the CPU (or GPU if present)
     python bench.py --model DIR
-    python bench.py --bf16-autocast  # both sides under torch.autocast(bfloat16), as prompt_distill.py runs
+    python bench.py --bf16-autocast  # both sides under torch.autocast(bfloat16), as prompt_distill.py
+                                     # trains (it generates in float32)
 
 Each measurement runs in a fresh process, so its peak memory is its own. Times are medians.
 Run it alone: anything else on the machine makes every number wrong.

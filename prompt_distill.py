@@ -57,7 +57,7 @@ class Settings:
     question_temperature: float = 0.7  # 1.0 drifts off the sentence, the paper's 1.5 is gibberish at 135M
     question_top_k: int = 50
     point_teacher: bool = False  # show the teacher the sentence too: no better, 72 vs 75 of 164 (README)
-    pairs_per_fact: int = 6  # the top-up's aim; 0: keep pairs as written, even those that state nothing
+    pairs_per_fact: int = 6  # the top-up's aim; 0: keep the model's own pairs even where they state nothing
     top_up_rounds: int = 0  # asking again about sentences few pairs state won 86 vs 75 of 164 before the
     # blanks; with them, 2 rounds score 90 vs 89 of 164 and take 10:03 vs 8:37 of the 10 minutes (README)
     blanks: bool = True  # also ask for each name and number, blanked out: 90 vs 72 of 164 (README)
@@ -69,7 +69,7 @@ class Settings:
     rank: int = 32
     alpha: float = 32.0
     targets: tuple = lora.DEFAULT_TARGETS  # the MLP only, with a fifth epoch for the time it saves, tied:
-    # 81 vs 78 of 164, at 0.45-0.84x the drift and 1.04x the training time (README)
+    # 80 vs 78 of 164, at 0.45-0.84x the drift and 1.04x the training time (README)
     lr: float = 1e-3
     lr_b_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): B learns at lr x this. 2 recalls more of the pairs
     # but answers no more gold questions (55 vs 54 of 110) and drifts 1.5-1.7x further (README)
@@ -503,16 +503,17 @@ def top_up(net, prompts: Prompts, passages, qa: list, words: set[str], settings:
 # -----------------------------------------------------------------------------
 # 4c. Blanks: each name and number of each sentence, asked for as a blank to fill and as a sentence to
 # complete. The model's own questions skip some facts however often it is asked (README); these cover
-# every name and number of the document, and the teacher answers them from the passage like any question.
+# every name and number (of two digits or more) of the document, and the teacher answers them from the passage like any question.
 
 CAPITALISED_RUN = r"[A-Z][\w'\-]*(?: (?:of |the )?[A-Z][\w'\-]*)*"  # "the Museum of Lake Crafts"
-NAME_OR_NUMBER = re.compile(CAPITALISED_RUN + r"|\b\d[\d,.]*\d\b|\b\d\b")
+NAME_OR_NUMBER = re.compile(CAPITALISED_RUN + r"|\b\d[\d,.]*\d\b")
 
 
 def blanked_questions(passages: list[str], document: str) -> list[tuple[int, str, str]]:
     """
     (passage index, question, sentence) for each run of capitalised words that holds one of the
-    document's names ("the Greywillow Lighthouse"), and each of its numbers. A name found in more than
+    document's names ("the Greywillow Lighthouse"), and each of its numbers of two digits or more (a
+    single digit, as in "3 March", is left, as distinctive_terms leaves it). A name found in more than
     four sentences is what the document is about ("Quillmere"), not a fact, and is left in place.
     """
     terms = distinctive_terms(document)
@@ -748,8 +749,8 @@ def draw_guard(general: list[Example], superlatives: list[Example], years: list[
                rng: random.Random) -> list[Example]:
     """A step's guard rows: one of the document's superlatives with probability --superlative-share, one of
     the general prompts whose base answer states a year with probability --year-share, else any general
-    prompt. Pools, not one list, because a document has a handful of superlatives and the guard a few
-    hundred general prompts; an empty pool's share goes to the general prompts."""
+    prompt. Pools, not one list, because a document has a handful of superlatives and the guard over a
+    hundred general prompts (139 from data/); an empty pool's share goes to the general prompts."""
     if not general:
         return []
     rows = []
@@ -1277,7 +1278,7 @@ def evaluate_adapter(args, settings: Settings) -> int:
 def main() -> int:
     defaults = Settings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     epilog="Why each default is what it is: the Settings class of this file.")
     parser.add_argument("--doc", help="the document to inject (UTF-8 text)")
     parser.add_argument("--eval", help="JSONL of {question, answers} to evaluate on")
     parser.add_argument("--out", help="output folder (default: runs/<document name>)")
@@ -1286,24 +1287,27 @@ def main() -> int:
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
     parser.add_argument("--adapter", help="use this trained adapter instead of training (with --eval or --ask)")
     parser.add_argument("--ask", help="with --adapter: answer this question")
-    parser.add_argument("--method", choices=["distill", "sft"], default=defaults.method)
+    parser.add_argument("--method", choices=["distill", "sft"], default=defaults.method,
+                        help="sft: the baseline, cross-entropy on the teacher's answers (default: distill)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=defaults.precision,
-                        help="bf16: autocast matmuls to bfloat16 (auto: on a CPU with bf16 units)")
+                        help="bf16: train with matmuls autocast to bfloat16 (default auto: where the CPU has bf16 units)")
     parser.add_argument("--no-guard", dest="guard", action="store_false", help="train without the forgetting guard")
     parser.add_argument("--blank-answers", choices=["teacher", "sentence"], default=defaults.blank_answers,
-                        help="train the blanks on the teacher's answer or on the sentence they were cut from")
+                        help="train the blanks on the teacher's answer (default) or on the sentence they were cut from")
     parser.add_argument("--no-blanks", dest="blanks", action="store_false",
                         help="do not add the questions that blank each name and number of the document")
     parser.add_argument("--point-teacher", action="store_true",
                         help="the teacher also sees the sentence each question was written from")
-    parser.add_argument("--targets", nargs="+", default=list(defaults.targets),
-                        help="the linear layers that get an adapter, by name (add lm_head as the paper does)")
+    parser.add_argument("--targets", nargs="+", default=list(defaults.targets), metavar="NAME",
+                        help="the linear layers that get an adapter, by name (default: the seven projections "
+                             "of attention and MLP; add lm_head as the paper does)")
     for name in ("questions_per_passage", "rank", "alpha", "lr", "lr_b_ratio", "epochs", "batch_size",
                  "temperature", "guard_weight", "guard_batch", "superlative_share", "year_share",
                  "question_temperature", "step_tokens", "passage_tokens", "generation_batch", "pairs_per_fact",
                  "top_up_rounds", "seed"):
-        parser.add_argument(flag(name), type=type(getattr(defaults, name)),
-                            default=getattr(defaults, name))
+        default = getattr(defaults, name)
+        parser.add_argument(flag(name), type=type(default), default=default, help=f"default: {default}",
+                            metavar="N" if isinstance(default, int) else "X")
     args = parser.parse_args()
     settings = Settings(**{k: getattr(args, k) for k in asdict(defaults) if hasattr(args, k)})
     settings.targets = tuple(settings.targets)
