@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import types
@@ -512,6 +513,15 @@ def test_guard_batch_zero_is_refused_only_with_the_guard_on():
     pd.check_settings(pd.Settings(guard=False, guard_batch=0))
     with pytest.raises(pd.InputError):
         pd.check_settings(pd.Settings(guard_batch=0))
+
+
+def test_help_gives_each_numeric_settings_default_next_to_its_flag():
+    out = run_cli("--help").stdout
+    defaults = pd.Settings()
+    for name in ("questions_per_passage", "lr", "epochs", "batch_size", "guard_weight", "superlative_share", "seed"):
+        value = getattr(defaults, name)
+        assert re.search(rf"{pd.flag(name)} [A-Z]+\s+default: {re.escape(str(value))}\n", out), name
+    assert "default: True" not in out and "default: None" not in out  # --no-guard and --out said so before
 
 
 def test_a_target_the_model_does_not_have_is_refused_before_any_work(tiny_llama, tmp_path):
