@@ -80,8 +80,6 @@ class Settings:
     # which keeps a document of long questions under 3 GB: SQuAD's new_wiki peaked 3.20 -> 2.14 GiB (README)
     warmup: float = 0.1  # share of the steps
     temperature: float = 1.0  # of the distillation loss
-    teacher_sharpening: float = 1.0  # (screen) the document rows' teacher logits are multiplied by this
-    # before the loss: above 1 moves the targets toward the greedy answer that SFT trains on; the guard's stay
     guard: bool = True
     guard_batch: int = 1  # guard rows mixed into every step
     guard_weight: float = 1.0
@@ -108,7 +106,7 @@ def check_settings(s: Settings) -> None:
             raise InputError(f"{flag(name)} must be at least {low}")
     if s.guard and s.guard_batch < 1:
         raise InputError("--guard-batch must be at least 1 (--no-guard trains without the guard)")
-    for name in ("alpha", "lr", "lr_b_ratio", "temperature", "teacher_sharpening"):
+    for name in ("alpha", "lr", "lr_b_ratio", "temperature"):
         if not 0 < getattr(s, name) < math.inf:  # written so that nan is refused too
             raise InputError(f"{flag(name)} must be a number above 0")
     for name in ("guard_weight", "question_temperature"):
@@ -699,8 +697,7 @@ def batch_loss(net, batch: list[Example], guard: list[Example], settings: Settin
         targets = torch.tensor([t for e in batch for t in e.answer], device=student.device)
         loss = F.cross_entropy(student.float(), targets)
     else:
-        loss = distillation_loss(student, target_logits(net, batch) * settings.teacher_sharpening,
-                                 settings.temperature)
+        loss = distillation_loss(student, target_logits(net, batch), settings.temperature)
     if not guard:
         return loss, zero
     return loss, distillation_loss(student_on_guard, target_logits(net, guard), settings.temperature)
@@ -1305,7 +1302,7 @@ def main() -> int:
                         help="the linear layers that get an adapter, by name (default: the seven projections "
                              "of attention and MLP; add lm_head as the paper does)")
     for name in ("questions_per_passage", "rank", "alpha", "lr", "lr_b_ratio", "epochs", "batch_size",
-                 "temperature", "teacher_sharpening", "guard_weight", "guard_batch", "superlative_share", "year_share",
+                 "temperature", "guard_weight", "guard_batch", "superlative_share", "year_share",
                  "question_temperature", "step_tokens", "passage_tokens", "generation_batch", "pairs_per_fact",
                  "top_up_rounds", "seed"):
         default = getattr(defaults, name)
