@@ -503,7 +503,8 @@ def top_up(net, prompts: Prompts, passages, qa: list, words: set[str], settings:
 # -----------------------------------------------------------------------------
 # 4c. Blanks: each name and number of each sentence, asked for as a blank to fill and as a sentence to
 # complete. The model's own questions skip some facts however often it is asked (README); these cover
-# every name and number (of two digits or more) of the document, and the teacher answers them from the passage like any question.
+# every name and number (of two digits or more) of the document, and the teacher answers them from the
+# passage like any question.
 
 CAPITALISED_RUN = r"[A-Z][\w'\-]*(?: (?:of |the )?[A-Z][\w'\-]*)*"  # "the Museum of Lake Crafts"
 NAME_OR_NUMBER = re.compile(CAPITALISED_RUN + r"|\b\d[\d,.]*\d\b")
@@ -1290,10 +1291,12 @@ def main() -> int:
     parser.add_argument("--method", choices=["distill", "sft"], default=defaults.method,
                         help="sft: the baseline, cross-entropy on the teacher's answers (default: distill)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=defaults.precision,
-                        help="bf16: train with matmuls autocast to bfloat16 (default auto: where the CPU has bf16 units)")
+                        help="bf16: train with matmuls autocast to bfloat16 (default auto: where the CPU "
+                             "has bf16 units)")
     parser.add_argument("--no-guard", dest="guard", action="store_false", help="train without the forgetting guard")
     parser.add_argument("--blank-answers", choices=["teacher", "sentence"], default=defaults.blank_answers,
-                        help="train the blanks on the teacher's answer (default) or on the sentence they were cut from")
+                        help="train the blanks on the teacher's answer (default) or on the sentence they "
+                             "were cut from")
     parser.add_argument("--no-blanks", dest="blanks", action="store_false",
                         help="do not add the questions that blank each name and number of the document")
     parser.add_argument("--point-teacher", action="store_true",
