@@ -341,10 +341,13 @@ def parse_questions(text: str) -> list[str]:
     return questions
 
 
+ARTICLES = ("a", "an", "the")  # dropped before any comparison of words, as SQuAD's evaluation drops them
+
+
 def normalize(text: str) -> str:
     """Lowercase, no punctuation or articles, single spaces (as SQuAD's evaluation does)."""
     text = "".join(c for c in text.lower() if c not in string.punctuation)
-    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+    return " ".join(w for w in text.split() if w not in ARTICLES)
 
 
 def word_set(text: str) -> set[str]:
@@ -842,7 +845,7 @@ def answer_words(text: str) -> list[str]:
     is 9000) and every other mark a break between words, so "24-hour" holds 24 and "100.0" holds 100.
     """
     text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.lower())
-    return [w for w in re.findall(r"\w+", text) if w not in ("a", "an", "the")]
+    return [w for w in re.findall(r"\w+", text) if w not in ARTICLES]
 
 
 def is_correct(answer: str, golds: list[str]) -> bool:
@@ -850,11 +853,8 @@ def is_correct(answer: str, golds: list[str]) -> bool:
     The answer holds one of the gold strings' words, in order, as whole words. A plain substring would
     count "There are 120 months in a year" as 12 and "2400 minutes in a day" as 24.
     """
-    words = answer_words(answer)
-    for gold in map(answer_words, golds):
-        if gold and any(words[i:i + len(gold)] == gold for i in range(len(words) - len(gold) + 1)):
-            return True
-    return False
+    answer = f" {' '.join(answer_words(answer))} "  # the spaces make a match start and end at a word
+    return any(gold and f" {' '.join(gold)} " in answer for gold in map(answer_words, golds))
 
 
 def accuracy(answers: list[str], golds: list[list[str]]) -> float:
