@@ -80,8 +80,6 @@ class Settings:
     # which keeps a document of long questions under 3 GB: SQuAD's new_wiki peaked 3.20 -> 2.14 GiB (README)
     warmup: float = 0.1  # share of the steps
     temperature: float = 1.0  # of the distillation loss
-    hard_target_weight: float = 0.0  # (screen) the document rows' loss: this x CE on the teacher's answer
-    # + (1 - this) x the KL, i.e. a target between the teacher's distribution and its greedy answer
     guard: bool = True
     guard_batch: int = 1  # guard rows mixed into every step
     guard_weight: float = 1.0
@@ -704,10 +702,6 @@ def batch_loss(net, batch: list[Example], guard: list[Example], settings: Settin
         loss = F.cross_entropy(student.float(), targets)
     else:
         loss = distillation_loss(student, target_logits(net, batch), settings.temperature)
-        if settings.hard_target_weight:
-            targets = torch.tensor([t for e in batch for t in e.answer], device=student.device)
-            w = settings.hard_target_weight
-            loss = (1 - w) * loss + w * F.cross_entropy(student.float(), targets)
     if not guard:
         return loss, zero
     return loss, distillation_loss(student_on_guard, target_logits(net, guard), settings.temperature)
@@ -1313,7 +1307,7 @@ def main() -> int:
     for name in ("questions_per_passage", "rank", "alpha", "lr", "lr_b_ratio", "epochs", "batch_size",
                  "temperature", "guard_weight", "guard_batch", "superlative_share", "year_share",
                  "question_temperature", "step_tokens", "passage_tokens", "generation_batch", "pairs_per_fact",
-                 "top_up_rounds", "hard_target_weight", "seed"):
+                 "top_up_rounds", "seed"):
         default = getattr(defaults, name)
         parser.add_argument(flag(name), type=type(default), default=default, help=f"default: {default}",
                             metavar="N" if isinstance(default, int) else "X")
