@@ -87,7 +87,6 @@ class Settings:
     # no more "Mount Ystrel" as the world's tallest mountain, 84 vs 89 of 164 on the document (README)
     year_share: float = 0.2  # of the guard's rows, for a document that states a year: the general prompts
     # whose base answer states one; no more penicillin "discovered in 1978", leakage 0 vs 3 of 228 (README)
-    on_policy_epochs: int = 0  # screen: the last N epochs train on the student's own answers, teacher-scored
     holdout: float = 0.1  # share of generated questions kept out of training (used when no --eval)
     precision: str = "auto"  # "bf16": autocast matmuls to bfloat16; "auto": where the CPU has bf16 units
     seed: int = 0
@@ -771,26 +770,8 @@ def draw_guard(general: list[Example], superlatives: list[Example], years: list[
     return rows
 
 
-def answer_as_student(net, examples: list[Example], stop_ids, settings: Settings) -> None:
-    """
-    On-policy distillation (screen): each document example's answer becomes the student's own greedy
-    answer to its question, closed book, and its target the teacher's distributions on those tokens. Where
-    the student names the wrong fact, the teacher, who reads the passage, puts its mass on the right one.
-    """
-    net.eval()
-    progress = Progress("student answers", len(examples), " questions")
-    outs = generate_batched(net, [e.student for e in examples], settings.max_answer_tokens, stop_ids,
-                            settings.generation_batch, progress)
-    progress.close()
-    net.train()
-    for e, answer in zip(examples, outs):
-        if answer:
-            e.answer = answer
-    compute_targets(net, examples, settings)
-
-
 def train(net, examples: list[Example], general: list[Example], superlatives: list[Example],
-          years: list[Example], settings: Settings, stop_ids=()) -> list[float]:
+          years: list[Example], settings: Settings) -> list[float]:
     """The adapter's training. general, superlatives and years are the guard's pools (empty without the
     guard); years are rows of general, so their targets are general's."""
     compute_targets(net, (examples if settings.method == "distill" else []) + general + superlatives, settings)
@@ -812,9 +793,7 @@ def train(net, examples: list[Example], general: list[Example], superlatives: li
     progress = Progress("training", steps, " steps")
     losses, step = [], 0
     net.train()
-    for number, batches in enumerate(epochs):
-        if settings.method == "distill" and number >= max(1, settings.epochs - settings.on_policy_epochs):
-            answer_as_student(net, examples, stop_ids, settings)
+    for batches in epochs:
         for batch in batches:
             guard_rows = draw_guard(general, superlatives, years, settings, rng)
             loss, total = backward_step(net, batch, guard_rows, settings)
@@ -1191,7 +1170,7 @@ def run(args, settings: Settings) -> int:
     # Training
     lora.inject_lora(net, settings.rank, settings.alpha, targets=settings.targets)
     start = time.time()
-    losses = train(net, examples, general, superlatives, years, settings, chat.stop_ids)
+    losses = train(net, examples, general, superlatives, years, settings)
     finished("training", start)
 
     # Evaluation
@@ -1328,7 +1307,7 @@ def main() -> int:
     for name in ("questions_per_passage", "rank", "alpha", "lr", "lr_b_ratio", "epochs", "batch_size",
                  "temperature", "guard_weight", "guard_batch", "superlative_share", "year_share",
                  "question_temperature", "step_tokens", "passage_tokens", "generation_batch", "pairs_per_fact",
-                 "top_up_rounds", "on_policy_epochs", "seed"):
+                 "top_up_rounds", "seed"):
         default = getattr(defaults, name)
         parser.add_argument(flag(name), type=type(default), default=default, help=f"default: {default}",
                             metavar="N" if isinstance(default, int) else "X")
