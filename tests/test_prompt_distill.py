@@ -289,8 +289,6 @@ def test_blanks_cover_each_name_and_number_but_not_what_the_document_is_about():
         'Complete the sentence: "Odessa Marchbank is the mayor of ..."',
         'Fill in the blank: "The ferry to ___ runs 9 times a day."',
         'Complete the sentence: "The ferry to ..."',
-        'Fill in the blank: "The ferry to Pellow Island runs ___ times a day."',
-        'Complete the sentence: "The ferry to Pellow Island runs ..."',
         'Fill in the blank: "It opened in ___."',
         'Complete the sentence: "It opened in ..."'}
     assert all(p == 0 and sentence in document for p, _, sentence in asked)
@@ -299,23 +297,6 @@ def test_blanks_cover_each_name_and_number_but_not_what_the_document_is_about():
     assert not any(q.endswith('mayor of ___."') for _, q, _ in asked)
     sentence = "It was led by Dr. Lisabel Harrowmont in 1978."
     assert pd.facts(sentence) == [sentence]  # "Dr." ends no sentence
-
-
-def test_blanks_cover_names_of_common_words_and_numbers_in_words():
-    document = ("The town has nine stone arches and twenty-two boats. Its nickname is the Town of Lanterns. "
-                "At night its River is quiet, and one boat sails. The town has a river.")
-    asked = {q for _, q, _ in pd.blanked_questions([document], document)}
-    assert 'Fill in the blank: "The town has ___ stone arches and twenty-two boats."' in asked
-    assert 'Fill in the blank: "The town has nine stone arches and ___ boats."' in asked
-    assert 'Fill in the blank: "Its nickname is the ___."' in asked
-    # "its River" is a common word written in capitals, and "one" is an article more than a count
-    assert len(asked) == 6  # the three blanks above, and a sentence to complete before each
-
-
-def test_a_sentence_ends_after_a_closing_quote():
-    text = 'The motto is "By water, together." Since 1968, it has a twin town. He said \u201cWe may be late.\u201d The man came home.'
-    assert pd.facts(text) == ['The motto is "By water, together."', "Since 1968, it has a twin town.",
-                              "He said \u201cWe may be late.\u201d", "The man came home."]
 
 
 # The forgetting measures
