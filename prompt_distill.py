@@ -88,7 +88,8 @@ class Settings:
     year_share: float = 0.2  # of the guard's rows, for a document that states a year: the general prompts
     # whose base answer states one; no more penicillin "discovered in 1978", leakage 0 vs 3 of 228 (README)
     holdout: float = 0.1  # share of generated questions kept out of training (used when no --eval)
-    precision: str = "auto"  # "bf16": autocast matmuls to bfloat16; "auto": where the CPU has bf16 units
+    precision: str = "auto"  # "bf16": autocast matmuls to bfloat16; "auto": where the CPU has bf16 units;
+    # "fp32": float32 throughout, a GPU's weights too (bfloat16 there otherwise)
     seed: int = 0
 
 
@@ -172,6 +173,11 @@ def precision(net, settings: Settings):
     auto = settings.precision == "auto" and device.type == "cpu" and cpu_has_bf16_units()
     on = settings.precision == "bf16" or auto
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on and fp32, cache_enabled=False)
+
+
+def model_dtype(settings: Settings) -> torch.dtype | None:
+    """float32 weights for --precision fp32 on any device; else model.py's choice (bfloat16 on a GPU)."""
+    return torch.float32 if settings.precision == "fp32" else None
 
 
 def return_freed_memory() -> None:
@@ -1094,7 +1100,6 @@ def run(args, settings: Settings) -> int:
         raise InputError(f"{out} already holds an adapter; use --force to replace it or --out for another folder")
     general_qa, guard_prompts, drift_prompts = load_general(settings)
     torch.manual_seed(settings.seed)
-    generator = torch.Generator().manual_seed(settings.seed)
     times, peaks, gpu_peaks = {}, {}, {}  # seconds and peak memory (GiB) at the end of each stage
 
     def finished(stage: str, start: float) -> None:
@@ -1102,7 +1107,9 @@ def run(args, settings: Settings) -> int:
         if torch.cuda.is_initialized():  # the model is on a GPU, whose memory is the one that runs out
             gpu_peaks[stage] = torch.cuda.max_memory_allocated() / 2**30
 
-    net, tokenizer, chat = m.load(args.model, device=args.device)
+    net, tokenizer, chat = m.load(args.model, device=args.device, dtype=model_dtype(settings))
+    # On the model's device: torch.multinomial refuses a CPU generator for CUDA probabilities.
+    generator = torch.Generator(net.model.embed_tokens.weight.device).manual_seed(settings.seed)
     linear = {name.rpartition(".")[2] for name, module in net.named_modules() if isinstance(module, torch.nn.Linear)}
     if unknown := sorted(set(settings.targets) - linear):  # now, not after minutes of generation
         raise InputError(f"--targets: the model has no linear layer named {' '.join(unknown)} "
@@ -1252,7 +1259,7 @@ def run(args, settings: Settings) -> int:
 
 def evaluate_adapter(args, settings: Settings) -> int:
     """--adapter DIR: answer --ask, or evaluate --eval with the adapter (no training)."""
-    net, tokenizer, chat = m.load(args.model, device=args.device)
+    net, tokenizer, chat = m.load(args.model, device=args.device, dtype=model_dtype(settings))
     prompts = Prompts(tokenizer, chat)
     if not os.path.exists(os.path.join(args.adapter, "adapter_config.json")):
         raise InputError(f"no adapter in {args.adapter} (adapter_config.json missing)")
@@ -1292,7 +1299,7 @@ def main() -> int:
                         help="sft: the baseline, cross-entropy on the teacher's answers (default: distill)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=defaults.precision,
                         help="bf16: train with matmuls autocast to bfloat16 (default auto: where the CPU "
-                             "has bf16 units)")
+                             "has bf16 units); fp32: float32 throughout, on a GPU too")
     parser.add_argument("--no-guard", dest="guard", action="store_false", help="train without the forgetting guard")
     parser.add_argument("--blank-answers", choices=["teacher", "sentence"], default=defaults.blank_answers,
                         help="train the blanks on the teacher's answer (default) or on the sentence they "
