@@ -27,6 +27,29 @@ def test_logits_match_transformers(tiny):
     assert (got - expected).abs().max().item() <= 1e-4
 
 
+def test_no_mask_is_the_same_attention_as_an_all_ones_mask(tiny):
+    # Without a mask SDPA runs plain causal attention (the fast path on a GPU); with one, our explicit mask.
+    path, _ = tiny
+    ours, _, _ = m.load(path, device="cpu", dtype=torch.float32)
+    ids = torch.tensor([random_ids(30, ours.config.vocab_size, 4), random_ids(30, ours.config.vocab_size, 5)])
+    with torch.no_grad():
+        assert (ours(ids) - ours(ids, torch.ones_like(ids))).abs().max().item() <= 1e-5
+
+
+def test_repeated_kv_heads_give_the_grouped_heads_result(tiny, monkeypatch):
+    # On CUDA with a mask or in float32, k/v heads are repeated for SDPA; elsewhere they stay grouped.
+    path, _ = tiny
+    ours, _, _ = m.load(path, device="cpu", dtype=torch.float32)
+    ids = torch.tensor([random_ids(20, ours.config.vocab_size, 6), random_ids(20, ours.config.vocab_size, 7)])
+    padded = torch.ones_like(ids)
+    padded[1, :6] = 0  # left padding in one row, so the mask is a real one
+    with torch.no_grad():
+        grouped = ours(ids, padded)
+        monkeypatch.setattr(m, "sdpa_takes_grouped_heads", lambda q, mask: False)
+        repeated = ours(ids, padded)
+    assert (grouped - repeated).abs().max().item() <= 1e-5
+
+
 def test_greedy_generation_matches_transformers(tiny):
     path, hf = tiny
     ours, _, _ = m.load(path, device="cpu", dtype=torch.float32)
