@@ -578,6 +578,19 @@ def test_end_to_end_on_a_tiny_model_writes_adapter_qa_and_report(tiny_run, tiny_
     assert [p for p in os.listdir(out.parent) if "partial" in p] == []
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="checks the CUDA path; CI has no GPU")
+def test_questions_are_sampled_on_the_models_device(tiny_run, monkeypatch):
+    # A CPU generator with CUDA probabilities stops torch.multinomial: --device cuda once died here.
+    run, out = tiny_run
+    questions = [json.loads(line)["question"] for line in open(QA)]
+
+    def sampled(net, prompts, passages, settings, generator):
+        m.generate(net, [[1, 2, 3]], 4, temperature=1.0, top_k=5, generator=generator)
+        return [(i % len(passages), q, "") for i, q in enumerate(questions)]
+    monkeypatch.setattr(pd, "generate_questions", sampled)
+    assert run("--eval", QA, "--device", "cuda") == 0
+
+
 def test_lm_head_joins_the_targets_and_its_adapter_trains_and_loads_back(tiny_run, tiny_llama):
     run, out = tiny_run
     assert run("--eval", QA, "--targets", "q_proj", "v_proj", "lm_head") == 0
