@@ -236,10 +236,10 @@ class Attention(nn.Module):
 
 def sdpa_takes_grouped_heads(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """
-    Whether to hand SDPA the k/v heads ungrouped (enable_gqa) rather than repeated n_rep times. On a CPU
-    always: decoding ran 5x faster. On CUDA only without a mask and in 16 bits: there the fused kernels
-    take grouped heads, and any other input silently runs SDPA's slow math kernel (PyTorch 2.5-2.11), which
-    is why model.py ran 0.56-0.72x as fast as transformers on an H200.
+    Whether to hand SDPA the k/v heads as they are (enable_gqa) rather than repeated n_rep times. On a
+    CPU always: decoding ran 5x faster. On CUDA only without a mask and in 16 bits, the one input for which
+    its fused kernels take grouped heads; any other input silently runs its slow math kernel (PyTorch 2.11),
+    and with it model.py ran 0.56-0.72x as fast as transformers on an H200.
     """
     if q.device.type != "cuda":
         return True
