@@ -582,11 +582,11 @@ def test_end_to_end_on_a_tiny_model_writes_adapter_qa_and_report(tiny_run, tiny_
 def test_questions_are_sampled_on_the_models_device(tiny_run, monkeypatch):
     # A CPU generator with CUDA probabilities stops torch.multinomial: --device cuda once died here.
     run, out = tiny_run
-    questions = [json.loads(line)["question"] for line in open(QA)]
+    gold_questions = pd.generate_questions  # tiny_run's stand-in
 
     def sampled(net, prompts, passages, settings, generator):
         m.generate(net, [[1, 2, 3]], 4, temperature=1.0, top_k=5, generator=generator)
-        return [(i % len(passages), q, "") for i, q in enumerate(questions)]
+        return gold_questions(net, prompts, passages, settings, generator)
     monkeypatch.setattr(pd, "generate_questions", sampled)
     assert run("--eval", QA, "--device", "cuda") == 0
 
