@@ -56,12 +56,10 @@ class Settings:
     questions_per_passage: int = 50  # the paper writes 30 per paragraph; a few are dropped as duplicates
     question_temperature: float = 0.7  # 1.0 drifts off the sentence, the paper's 1.5 is gibberish at 135M
     question_top_k: int = 50
-    point_teacher: bool = False  # show the teacher the sentence too: no better, 72 vs 75 of 164 (README)
     pairs_per_fact: int = 6  # the top-up's aim; 0: keep the model's own pairs even where they state nothing
     top_up_rounds: int = 0  # asking again about sentences few pairs state won 86 vs 75 of 164 before the
     # blanks; with them, 2 rounds score 90 vs 89 of 164 and take 10:03 vs 8:37 of the 10 minutes (README)
     blanks: bool = True  # also ask for each name and number, blanked out: 90 vs 72 of 164 (README)
-    blank_answers: str = "teacher"  # or "sentence", the one it was cut from: 84 vs 89 of 164 (README)
     answer_temperature: float = 0.0  # greedy: sampled at 1.0, both methods lost half their score (README)
     max_answer_tokens: int = 32
     generation_batch: int = 64  # rows decoded together at most: 1.3x the rows/s of 32 here
@@ -265,10 +263,6 @@ def document_passages(document: str, prompts: "Prompts", net, max_tokens: int) -
 QUESTION_INSTRUCTION = ('Turn this sentence from the text above into a question that asks for one of its details: '
                         '"{fact}"\nWrite only the question.')
 ANSWER_INSTRUCTION = "Answer the question using the text above, in a few words.\nQuestion: {q}"
-# With --point-teacher, the teacher of a generated question also sees the sentence it was written from:
-# given the passage alone, the 135M model mixes up its facts ("The Saltreed Bridge is the tallest landmark").
-POINTED_ANSWER_INSTRUCTION = ('Answer the question using the text above, in a few words. '
-                              'The answer is in this sentence: "{fact}"\nQuestion: {q}')
 MAX_QUESTION_TOKENS = 32  # a longer one rambles and is dropped by the parser anyway
 
 
@@ -285,22 +279,12 @@ class Prompts:
         cut = text.index(passage) + len(passage)  # split at the passage's end: a token boundary
         return self.encode(text[:cut]), self.encode(text[cut:])
 
-    def open_book(self, passage: str, question: str, fact: str = "") -> tuple[list[int], list[int]]:
-        """The teacher's (prefix, suffix) for `question` with `passage` (and the sentence `fact`) in its prompt."""
-        if fact:
-            return self.with_passage(passage, POINTED_ANSWER_INSTRUCTION.format(fact=fact, q=question))
+    def open_book(self, passage: str, question: str) -> tuple[list[int], list[int]]:
+        """The teacher's (prefix, suffix) for `question` with `passage` in its prompt."""
         return self.with_passage(passage, ANSWER_INSTRUCTION.format(q=question))
 
     def closed_book(self, question: str) -> list[int]:
         return self.encode(self.chat.render([{"role": "user", "content": question}]))
-
-    def reply(self, text: str) -> list[int]:
-        """text as the model's own answer ids: the text, then the template's end of turn (a stop id)."""
-        rendered = self.chat.render([{"role": "user", "content": "?"}, {"role": "assistant", "content": text}],
-                                    add_generation_prompt=False)
-        ids = self.encode(text) + self.encode(rendered[rendered.rindex(text) + len(text):])
-        ends = [i for i, t in enumerate(ids) if t in self.chat.stop_ids]
-        return ids[:ends[0] + 1] if ends else ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -429,16 +413,14 @@ def write_questions(net, prompts: Prompts, passages, jobs, settings: Settings, g
 
 
 def answer_open_book(net, prompts: Prompts, passages, questions, settings: Settings, generator, stage="answers"):
-    """
-    The teacher's answer ids (ending with the end-of-turn token when it finished) for each
-    (passage index, question, sentence) of questions; an empty sentence points the teacher at none.
-    """
+    """The teacher's answer ids (ending with the end-of-turn token when it finished) for each
+    (passage index, question) of questions."""
     progress = Progress(stage, len(questions), " questions")
     answers = [None] * len(questions)
     for index, passage in enumerate(passages):
-        rows = [i for i, (p, _, _) in enumerate(questions) if p == index]
+        rows = [i for i, (p, _) in enumerate(questions) if p == index]
         prefix, _ = prompts.with_passage(passage, "")
-        suffixes = [prompts.open_book(passage, *questions[i][1:])[1] for i in rows]
+        suffixes = [prompts.open_book(passage, questions[i][1])[1] for i in rows]
         outs = generate_batched(net, suffixes, settings.max_answer_tokens, prompts.chat.stop_ids,
                                 settings.generation_batch, progress, prefix,
                                 temperature=settings.answer_temperature, generator=generator)
@@ -446,11 +428,6 @@ def answer_open_book(net, prompts: Prompts, passages, questions, settings: Setti
             answers[i] = out
     progress.close()
     return answers
-
-
-def shown(fact: str, settings: Settings) -> str:
-    """The sentence the teacher is pointed at: none, unless point_teacher."""
-    return fact if settings.point_teacher else ""
 
 
 # -----------------------------------------------------------------------------
@@ -503,8 +480,8 @@ def top_up(net, prompts: Prompts, passages, qa: list, words: set[str], settings:
         progress = Progress(f"top-up {number}", len(jobs), " calls")
         written = write_questions(net, prompts, passages, jobs, settings, generator, progress, seen)
         progress.close()
-        answers = answer_open_book(net, prompts, passages, [(p, q, shown(f, settings)) for p, q, f in written],
-                                   settings, generator, stage=f"answers {number}")
+        answers = answer_open_book(net, prompts, passages, [(p, q) for p, q, _ in written], settings, generator,
+                                   stage=f"answers {number}")
         qa = qa + [(p, q, f, a) for (p, q, f), a in zip(written, answers) if prompts.decode(a)]
     return qa
 
@@ -908,7 +885,7 @@ def ask_closed_book(net, prompts: Prompts, questions: list[str], settings: Setti
 
 
 def ask_open_book(net, prompts: Prompts, passages, questions: list[str], settings: Settings) -> list[str]:
-    asked = [(best_passage(passages, q), q, "") for q in questions]  # as RAG would: no sentence pointed at
+    asked = [(best_passage(passages, q), q) for q in questions]  # as RAG would
     greedy = Settings(**{**asdict(settings), "answer_temperature": 0.0})
     outs = answer_open_book(net, prompts, passages, asked, greedy, None, stage="open book")
     return [prompts.decode(o) for o in outs]
@@ -1125,8 +1102,7 @@ def run(args, settings: Settings) -> int:
     generated = generate_questions(net, prompts, passages, settings, generator)
     finished("questions", start)
     start = time.time()
-    answers = answer_open_book(net, prompts, passages, [(p, q, shown(f, settings)) for p, q, f in generated],
-                               settings, generator)
+    answers = answer_open_book(net, prompts, passages, [(p, q) for p, q, _ in generated], settings, generator)
     finished("answers", start)
     qa = [(p, q, fact, a) for (p, q, fact), a in zip(generated, answers) if prompts.decode(a)]
     words = fact_words(document)  # what a pair must state to be kept
@@ -1143,17 +1119,14 @@ def run(args, settings: Settings) -> int:
     if settings.blanks:
         start = time.time()
         asked = blanked_questions(passages, document)
-        if settings.blank_answers == "sentence":  # the right answer is known, though the teacher may miss it
-            answers = [prompts.reply(sentence) for _, _, sentence in asked]
-        else:
-            answers = answer_open_book(net, prompts, passages, [(p, q, shown(f, settings)) for p, q, f in asked],
-                                       settings, generator, stage="blanks")
+        answers = answer_open_book(net, prompts, passages, [(p, q) for p, q, _ in asked], settings, generator,
+                                   stage="blanks")
         qa += [(p, q, fact, a) for (p, q, fact), a in zip(asked, answers) if stated(q, prompts.decode(a), words)]
         finished("blanks", start)
     train_qa = qa[len(held_out):]  # in any order: make_batches shuffles
     examples = []
-    for p, q, fact, a in train_qa:
-        prefix, suffix = prompts.open_book(passages[p], q, shown(fact, settings))
+    for p, q, _, a in train_qa:
+        prefix, suffix = prompts.open_book(passages[p], q)
         examples.append(Example(prefix, suffix, prompts.closed_book(q), a))
 
     # What the base model says before training: general questions, the guard's and drift's prompts
@@ -1259,22 +1232,23 @@ def run(args, settings: Settings) -> int:
 
 def evaluate_adapter(args, settings: Settings) -> int:
     """--adapter DIR: answer --ask, or evaluate --eval with the adapter (no training)."""
-    net, tokenizer, chat = m.load(args.model, device=args.device, dtype=model_dtype(settings))
-    prompts = Prompts(tokenizer, chat)
     if not os.path.exists(os.path.join(args.adapter, "adapter_config.json")):
         raise InputError(f"no adapter in {args.adapter} (adapter_config.json missing)")
+    items = None if args.ask else read_eval_file(args.eval)  # bad input fails before the model loads
+    document = read_document(args.doc) if args.doc and not args.ask else None
+    net, tokenizer, chat = m.load(args.model, device=args.device, dtype=model_dtype(settings))
+    prompts = Prompts(tokenizer, chat)
     lora.load_adapter(net, args.adapter)
     if args.ask:
         print(ask_closed_book(net, prompts, [args.ask], settings, "answer")[0])
         return 0
-    items = read_eval_file(args.eval)
     questions, golds = [x["question"] for x in items], [x["answers"] for x in items]
     adapted = ask_closed_book(net, prompts, questions, settings, "adapted")
     with lora.lora_disabled(net):
         closed = ask_closed_book(net, prompts, questions, settings, "closed")
     rows = [("condition", "accuracy"), ("closed book (base)", f"{accuracy(closed, golds):.2f}")]
-    if args.doc:
-        passages = document_passages(read_document(args.doc), prompts, net, OPEN_BOOK_TOKENS)
+    if document:
+        passages = document_passages(document, prompts, net, OPEN_BOOK_TOKENS)
         with lora.lora_disabled(net):
             opened = ask_open_book(net, prompts, passages, questions, settings)
         rows.append(("open book (base + document)", f"{accuracy(opened, golds):.2f}"))
@@ -1301,13 +1275,8 @@ def main() -> int:
                         help="bf16: train with matmuls autocast to bfloat16 (default auto: where the CPU "
                              "has bf16 units); fp32: float32 throughout, on a GPU too")
     parser.add_argument("--no-guard", dest="guard", action="store_false", help="train without the forgetting guard")
-    parser.add_argument("--blank-answers", choices=["teacher", "sentence"], default=defaults.blank_answers,
-                        help="train the blanks on the teacher's answer (default) or on the sentence they "
-                             "were cut from")
     parser.add_argument("--no-blanks", dest="blanks", action="store_false",
                         help="do not add the questions that blank each name and number of the document")
-    parser.add_argument("--point-teacher", action="store_true",
-                        help="the teacher also sees the sentence each question was written from")
     parser.add_argument("--targets", nargs="+", default=list(defaults.targets), metavar="NAME",
                         help="the linear layers that get an adapter, by name (default: the seven projections "
                              "of attention and MLP; add lm_head as the paper does)")

@@ -65,11 +65,10 @@ def test_teacher_and_student_are_scored_on_exactly_the_answer_tokens(tiny_llama)
     prompts = pd.Prompts(tokenizer, chat)
     passage, question = "the town of lake was founded in 1 by the mayor", "who was the mayor ?"
     answer = prompts.encode("the mayor was a") + [chat.stop_ids[0]]
-    prefix, suffix = prompts.open_book(passage, question, fact="founded in 1 by the mayor")
+    prefix, suffix = prompts.open_book(passage, question)
     student = prompts.closed_book(question)
     assert prompts.encode(passage) == prefix[-len(prompts.encode(passage)):]  # the teacher sees the passage
-    assert set(prompts.encode("founded 1")) <= set(suffix)  # and, pointed at it, the sentence again
-    assert not set(prompts.encode("founded 1")) & set(student)  # the student sees neither
+    assert not set(prompts.encode("founded 1")) & set(student + suffix)  # the student and the suffix do not
 
     for (prefix_len, prompt), multiple in itertools.product(((len(prefix), suffix), (0, student)), (1, 16)):
         ids, mask, select = pd.pack([prompt, prompt[:3]], [answer, answer[:2]], prefix_len, multiple)
@@ -87,19 +86,6 @@ def test_prefix_and_suffix_make_the_whole_prompt(default_model):
     whole = chat.render([{"role": "user", "content": passage + "\n\n" +
                           pd.ANSWER_INSTRUCTION.format(q="Who is the mayor of Velmora?")}])
     assert prefix + suffix == prompts.encode(whole)  # the split falls on a token boundary
-
-
-def test_a_reply_is_the_text_then_the_end_of_turn_as_the_chat_template_writes_it(default_model):
-    _, tokenizer, chat = default_model
-    prompts = pd.Prompts(tokenizer, chat)
-    question, sentence = "Fill in the blank: \"Its mayor is ___.\"", "Its mayor is Harriet Quell."
-    reply = prompts.reply(sentence)
-    assert reply[-1] in chat.stop_ids and not set(reply[:-1]) & set(chat.stop_ids)
-    assert prompts.decode(reply) == sentence
-    conversation = chat.render([{"role": "user", "content": question}, {"role": "assistant", "content": sentence}],
-                               add_generation_prompt=False)
-    assert prompts.encode(conversation)[:len(prompts.closed_book(question)) + len(reply)] == \
-        prompts.closed_book(question) + reply  # the tokens the model would have written itself
 
 
 def test_answer_logits_with_a_shared_prefix_equal_the_full_forward(tiny_llama):
@@ -492,6 +478,21 @@ def test_malformed_eval_line_is_named(tmp_path):
     assert_one_line_error(run_cli("--doc", DOC, "--eval", str(qa), "--out", str(tmp_path / "o")), "line 3")
 
 
+@pytest.mark.parametrize("adapter_files, eval_text, words", [
+    ({}, '{"question": "Who?", "answers": ["X"]}\n', "no adapter in"),
+    ({"adapter_config.json": "{}"}, '{"question": "Who?"}\n', "line 1"),
+])
+def test_adapter_evaluation_refuses_bad_input_before_the_model_loads(tmp_path, adapter_files, eval_text, words):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for name, text in adapter_files.items():
+        (adapter / name).write_text(text)
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(eval_text)
+    result = run_cli("--adapter", str(adapter), "--eval", str(qa), "--model", str(tmp_path / "no model"))
+    assert_one_line_error(result, words)  # not the missing model's error: the input is read first
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--lr", "0"], "--lr must be a number above 0"),
     (["--lr", "nan"], "--lr must be a number above 0"),
@@ -690,30 +691,6 @@ def spy_on_answers_and_training(monkeypatch, on_answers) -> list:
     return trained
 
 
-def test_only_a_pointed_teacher_sees_the_sentence_a_question_came_from(tiny_run, tiny_llama, monkeypatch):
-    run, out = tiny_run
-    sentence = "The mayor of Quillmere is Odessa Marchbank."
-    questions = [json.loads(line)["question"] for line in open(QA)]
-    monkeypatch.setattr(pd, "generate_questions", lambda *args: [(0, q, sentence) for q in questions])
-    taught, teacher_prompts = [], []
-    trained = spy_on_answers_and_training(
-        monkeypatch, lambda passages, asked, stage: taught.append({fact for _, _, fact in asked}))
-    for pointing in [(), ("--point-teacher", "--force")]:
-        assert run("--no-guard", "--no-blanks", "--eval", QA, *pointing) == 0
-        teacher_prompts.append({tuple(e.teacher) for e in trained})
-        trained.clear()
-
-    # the answers' prompts, then the open-book evaluation's, in each run
-    assert taught == [{""}, {""}, {sentence}, {""}]
-    _, tokenizer, chat = m.load(tiny_llama[0])
-    prompts = pd.Prompts(tokenizer, chat)  # what follows the passage does not depend on the passage
-    unpointed = {tuple(prompts.open_book("a passage", q)[1]) for q in questions}
-    pointed = {tuple(prompts.open_book("a passage", q, sentence)[1]) for q in questions}
-    assert teacher_prompts[0] and teacher_prompts[0] <= unpointed
-    assert teacher_prompts[1] and teacher_prompts[1] <= pointed and not pointed & unpointed
-    assert {json.loads(line)["sentence"] for line in open(out / "qa.jsonl")} == {sentence}  # kept either way
-
-
 def test_blanks_are_asked_of_the_teacher_and_the_pairs_that_state_a_fact_trained(tiny_run, tiny_llama, monkeypatch):
     run, out = tiny_run
     _, tokenizer, chat = m.load(tiny_llama[0])
@@ -722,9 +699,8 @@ def test_blanks_are_asked_of_the_teacher_and_the_pairs_that_state_a_fact_trained
 
     def on_answers(passages, asked, stage):
         if stage == "blanks":
-            assert [(p, q) for p, q, _ in asked] == [(p, q) for p, q, _ in pd.blanked_questions(passages, document)]
-            assert {shown for _, _, shown in asked} == {""}  # the teacher sees the passage, as for any question
-            asked_blanks.extend(q for _, q, _ in asked)
+            assert asked == [(p, q) for p, q, _ in pd.blanked_questions(passages, document)]
+            asked_blanks.extend(q for _, q in asked)
     trained = spy_on_answers_and_training(monkeypatch, on_answers)
 
     def stated(question, answer, words):  # the tiny model's answers state nothing: here every other blank's does
@@ -741,18 +717,3 @@ def test_blanks_are_asked_of_the_teacher_and_the_pairs_that_state_a_fact_trained
     students = [tuple(e.student) for e in trained]
     assert len(students) == sum(not p["held_out"] for p in pairs)
     assert {tuple(prompts.closed_book(q)) for q in stating} <= set(students)
-
-
-def test_blanks_answered_by_their_sentence_skip_the_teachers_answers(tiny_run, tiny_llama, monkeypatch):
-    run, out = tiny_run
-    stages = []
-    trained = spy_on_answers_and_training(monkeypatch, lambda passages, asked, stage: stages.append(stage))
-    monkeypatch.setattr(pd, "stated", lambda *args: {"fact"})  # the tiny word-level tokenizer has no names
-    assert run("--no-guard", "--blank-answers", "sentence", "--eval", QA) == 0
-    assert "blanks" not in stages
-    _, tokenizer, chat = m.load(tiny_llama[0])
-    prompts = pd.Prompts(tokenizer, chat)
-    blanks = [p for p in map(json.loads, open(out / "qa.jsonl")) if p["question"].startswith("Fill in the blank")]
-    assert len(blanks) > 10 and all(p["answer"] == prompts.decode(prompts.reply(p["sentence"])) for p in blanks)
-    answers = {tuple(e.student): e.answer for e in trained}
-    assert all(answers[tuple(prompts.closed_book(p["question"]))] == prompts.reply(p["sentence"]) for p in blanks)
