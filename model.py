@@ -48,6 +48,11 @@ SUPPORTED = {  # architecture -> (q/k/v have a bias, per-head q/k RMSNorm)
     "Qwen3ForCausalLM": (None, True),
 }
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ROPE_TYPES = {  # rope_type -> the keys of rope_scaling it reads (rope_frequencies)
+    "default": set(),
+    "linear": {"factor"},
+    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+}
 
 
 @dataclass
@@ -83,24 +88,39 @@ class Config:
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "linear", "llama3"):
-            raise ModelError(f"unsupported rope scaling rope_type={rope_type!r} (supported: default, linear, llama3)")
+        if rope_type not in ROPE_TYPES:
+            raise ModelError(f"unsupported rope scaling rope_type={rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
+        if missing := sorted(ROPE_TYPES[rope_type] - set(rope)):
+            raise ModelError(f"config.json: rope_type={rope_type!r} needs {', '.join(missing)}")
         if hf.get("partial_rotary_factor", 1.0) != 1.0:
             raise ModelError(f"unsupported partial_rotary_factor={hf['partial_rotary_factor']}")
-        heads = hf["num_attention_heads"]
+
+        def size(key: str, default=None) -> int:  # a missing or mistyped size fails here, not in torch
+            value = default if hf.get(key) is None else hf[key]
+            if type(value) is not int or value <= 0:
+                raise ModelError(f"config.json: {key} must be a positive integer, not {value!r}")
+            return value
+
+        hidden, heads = size("hidden_size"), size("num_attention_heads")
+        kv_heads = size("num_key_value_heads", heads)
+        if heads % kv_heads:
+            raise ModelError(f"config.json: num_attention_heads={heads} is not a multiple of "
+                             f"num_key_value_heads={kv_heads}")
+        if not hf.get("head_dim") and hidden % heads:
+            raise ModelError(f"config.json: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
         qkv_bias, qk_norm = SUPPORTED[arch]
         attention_bias = bool(hf.get("attention_bias", False))
         return cls(
             architecture=arch,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
+            vocab_size=size("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=size("intermediate_size"),
+            num_hidden_layers=size("num_hidden_layers"),
             num_attention_heads=heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            num_key_value_heads=kv_heads,
+            head_dim=size("head_dim", hidden // heads),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            max_position_embeddings=size("max_position_embeddings", 2048),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=attention_bias if qkv_bias is None else qkv_bias,
             o_bias=attention_bias,  # Qwen2 has biases on q, k, v only; Llama's flag covers o too
@@ -495,9 +515,12 @@ def read_json(path: str, required: bool = True) -> dict:
         return {}
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            obj = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ModelError(f"{path} is not a JSON object")
+    return obj
 
 
 def safetensors_files(path: str) -> list[str]:
@@ -561,6 +584,10 @@ def load(path: str | None = None, device=None, dtype=None) -> tuple[Transformer,
     if missing or unexpected:
         raise ModelError(f"checkpoint does not match config: missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]}")
+    for name, expected_tensor in model.state_dict().items():
+        if state[name].shape != expected_tensor.shape:
+            raise ModelError(f"checkpoint does not match config: {name} is {tuple(state[name].shape)} in the "
+                             f"checkpoint, {tuple(expected_tensor.shape)} by config.json")
     model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_word_embeddings:  # assign=True made two Parameters out of the one shared tensor
         model.lm_head.weight = model.model.embed_tokens.weight

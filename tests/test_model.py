@@ -1,6 +1,8 @@
 """model.py against the reference implementation (transformers) on tiny random checkpoints."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -159,6 +161,24 @@ def test_unsupported_config_is_refused_by_name(field, value, words):
         m.Config.from_hf(hf)
 
 
+@pytest.mark.parametrize("changes, words", [
+    ({"hidden_size": None}, "hidden_size must be a positive integer, not None"),
+    ({"num_attention_heads": "four"}, "num_attention_heads must be a positive integer, not 'four'"),
+    ({"vocab_size": 0}, "vocab_size must be a positive integer, not 0"),
+    ({"num_key_value_heads": 3}, "num_attention_heads=2 is not a multiple of num_key_value_heads=3"),
+    ({"num_attention_heads": 3, "num_key_value_heads": 1}, "hidden_size=8 is not a multiple of num_attention_heads=3"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+     "needs high_freq_factor, low_freq_factor, original_max_position_embeddings"),
+    ({"rope_scaling": {"rope_type": "linear"}}, "rope_type='linear' needs factor"),
+])
+def test_a_malformed_config_is_refused_by_name(changes, words):
+    hf = dict(architectures=["LlamaForCausalLM"], vocab_size=8, hidden_size=8, intermediate_size=8,
+              num_hidden_layers=1, num_attention_heads=2)
+    hf = {k: v for k, v in {**hf, **changes}.items() if v is not None}
+    with pytest.raises(m.ModelError, match=re.escape(words)):
+        m.Config.from_hf(hf)
+
+
 # Bad model folders: the demo prints one line and exits non-zero, no traceback.
 
 def run_demo(folder: str) -> subprocess.CompletedProcess:
@@ -216,6 +236,22 @@ def test_unsupported_architecture_is_one_line(tiny_llama):
     with open(config, "w") as f:
         f.write(text)
     assert_one_line_error(run_demo(path), "unsupported architecture 'GPT2LMHeadModel'")
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda config: {**config, "intermediate_size": 2 * config["intermediate_size"]},
+     "checkpoint does not match config: model.layers.0.mlp.gate_proj.weight is (112, 64) in the checkpoint, "
+     "(224, 64) by config.json"),
+    (lambda config: [config], "config.json is not a JSON object"),
+])
+def test_a_config_that_does_not_fit_its_checkpoint_is_one_line(tiny_llama, edit, words):
+    path, _ = tiny_llama
+    config = os.path.join(path, "config.json")
+    with open(config) as f:
+        edited = edit(json.load(f))
+    with open(config, "w") as f:
+        json.dump(edited, f)
+    assert_one_line_error(run_demo(path), words)
 
 
 def test_shared_prefix_generation_equals_full_prompts(tiny):
