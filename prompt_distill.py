@@ -204,6 +204,8 @@ def peak_memory_gb() -> float:
 
 
 def read_document(path: str) -> str:
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder; --doc takes one text file")
     if not os.path.isfile(path):
         raise InputError(f"document not found: {path}")
     with open(path, "rb") as f:
@@ -804,10 +806,14 @@ def read_eval_file(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise InputError(f"eval file not found: {path}")
     items = []
-    with open(path, encoding="utf-8", errors="strict") as f:
+    with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            try:
+                line = line.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{path}, line {number}: not UTF-8 text") from None
             try:
                 item = json.loads(line)
                 assert isinstance(item["question"], str) and item["question"].strip()
@@ -1075,6 +1081,13 @@ def run(args, settings: Settings) -> int:
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.doc))[0])
     if os.path.exists(os.path.join(out, "adapter_config.json")) and not args.force:
         raise InputError(f"{out} already holds an adapter; use --force to replace it or --out for another folder")
+    parent = os.path.dirname(os.path.abspath(out))
+    try:  # now, not after minutes of training: the outputs are written beside `out`, then renamed to it
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot make the folder for --out {out}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write to {parent} (the folder for --out {out})")
     general_qa, guard_prompts, drift_prompts = load_general(settings)
     torch.manual_seed(settings.seed)
     times, peaks, gpu_peaks = {}, {}, {}  # seconds and peak memory (GiB) at the end of each stage

@@ -472,10 +472,33 @@ def test_bad_document_is_one_line(tmp_path, content, words):
     assert not out.exists()
 
 
-def test_malformed_eval_line_is_named(tmp_path):
+def test_a_folder_given_as_the_document_is_one_line(tmp_path):
+    assert_one_line_error(run_cli("--doc", str(tmp_path), "--out", str(tmp_path / "o")), "is a folder")
+
+
+@pytest.mark.parametrize("text, words", [
+    ('{"question": "Who?", "answers": ["X"]}\n\n{"question": "What?"}\n'.encode(), "line 3: expected"),
+    ('{"question": "Who?", "answers": ["X"]}\n{"question": "Caf\u00e9?", "answers": ["X"]}\n'.encode("latin-1"),
+     "line 2: not UTF-8"),
+])
+def test_malformed_eval_line_is_named(tmp_path, text, words):
     qa = tmp_path / "qa.jsonl"
-    qa.write_text('{"question": "Who?", "answers": ["X"]}\n\n{"question": "What?"}\n')
-    assert_one_line_error(run_cli("--doc", DOC, "--eval", str(qa), "--out", str(tmp_path / "o")), "line 3")
+    qa.write_bytes(text)
+    assert_one_line_error(run_cli("--doc", DOC, "--eval", str(qa), "--out", str(tmp_path / "o")), words)
+
+
+def test_an_eval_file_that_starts_with_a_byte_order_mark_is_read(tmp_path):
+    with_bom = tmp_path / "qa.jsonl"
+    with open(QA, "rb") as f:
+        with_bom.write_bytes(b"\xef\xbb\xbf" + f.read())  # as Windows' Notepad saves UTF-8
+    assert pd.read_eval_file(str(with_bom)) == pd.read_eval_file(QA)
+
+
+def test_an_out_folder_that_cannot_be_made_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    result = run_cli("--doc", DOC, "--out", str(blocker / "out"), "--model", str(tmp_path / "no model"))
+    assert_one_line_error(result, "cannot make the folder for --out")
 
 
 @pytest.mark.parametrize("adapter_files, eval_text, words", [
