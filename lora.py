@@ -145,18 +145,31 @@ def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str = 
 
 
 def load_adapter(model: nn.Module, adapter_dir: str) -> dict:
-    """Load a PEFT LoRA adapter (ours or PEFT's) into model, injecting it first if needed. Strict on keys."""
-    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
-        config = json.load(f)
+    """
+    Load a PEFT LoRA adapter (ours or PEFT's) into model, injecting it first if needed. Strict on keys.
+    A missing, unreadable or unsupported adapter raises ValueError with a one-line message.
+    """
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise ValueError(f"load_adapter: cannot read {path}: {e}") from None
     unsupported = ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform")
-    if config.get("peft_type") != "LORA" or any(config.get(k) for k in unsupported):
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA" or any(config.get(k) for k in unsupported):
         raise ValueError(f"load_adapter: only plain LoRA (none of {unsupported}) is supported, got {config}")
+    if missing := [k for k in ("r", "lora_alpha", "target_modules") if k not in config]:
+        raise ValueError(f"load_adapter: {path} lacks {', '.join(missing)}")
     if not _lora_layers(model):
         inject_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
                     config["target_modules"])
     if any(m.alpha != config["lora_alpha"] for _, m in _lora_layers(model)):
         raise ValueError(f"load_adapter: model's LoRA alpha differs from the adapter's {config['lora_alpha']}")
-    tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    weights = os.path.join(adapter_dir, "adapter_model.safetensors")
+    try:
+        tensors = load_file(weights)
+    except Exception as e:  # a missing file, or safetensors' own error for a truncated one
+        raise ValueError(f"load_adapter: cannot read {weights}: {e}") from None
     params = _peft_state_dict(model)
     missing, extra = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
     if missing or extra:

@@ -200,3 +200,34 @@ def test_lm_head_can_be_a_target_while_tied_to_the_embedding():
     assert inject_lora(model, r=4, alpha=8, targets=("lm_head",)) == ["lm_head"]
     assert model.lm_head.base_layer.weight is model.model.embed_tokens.weight  # still tied, frozen
     assert torch.equal(logits(model), before)
+
+
+def remove_weights(folder):
+    os.remove(os.path.join(folder, "adapter_model.safetensors"))
+
+
+def truncate_weights(folder):
+    with open(os.path.join(folder, "adapter_model.safetensors"), "r+b") as f:
+        f.truncate(100)
+
+
+def config_text(text):
+    def write(folder):
+        with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+            f.write(text)
+    return write
+
+
+@pytest.mark.parametrize("break_it, words", [
+    (remove_weights, "cannot read .*adapter_model.safetensors"),
+    (truncate_weights, "cannot read .*adapter_model.safetensors"),
+    (config_text("{not json"), "cannot read .*adapter_config.json"),
+    (config_text('{"peft_type": "LORA", "r": 4}'), "lacks lora_alpha, target_modules"),
+])
+def test_a_broken_adapter_folder_raises_a_value_error_naming_the_problem(llama_dir, tmp_path, break_it, words):
+    model = load_llama(llama_dir)
+    inject_lora(model, r=4, alpha=8, targets=("q_proj",))
+    save_adapter(model, str(tmp_path))
+    break_it(str(tmp_path))
+    with pytest.raises(ValueError, match=words):
+        load_adapter(load_llama(llama_dir), str(tmp_path))
