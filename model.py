@@ -579,15 +579,15 @@ def load(path: str | None = None, device=None, dtype=None) -> tuple[Transformer,
             raise ModelError(f"cannot read {file}: {e}") from None
     if cfg.tie_word_embeddings:
         state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
-    expected = set(model.state_dict())
-    missing, unexpected = expected - set(state), set(state) - expected
+    expected = model.state_dict()  # meta tensors: names and shapes, no memory
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     if missing or unexpected:
         raise ModelError(f"checkpoint does not match config: missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]}")
-    for name, expected_tensor in model.state_dict().items():
-        if state[name].shape != expected_tensor.shape:
+    for name, tensor in expected.items():
+        if state[name].shape != tensor.shape:
             raise ModelError(f"checkpoint does not match config: {name} is {tuple(state[name].shape)} in the "
-                             f"checkpoint, {tuple(expected_tensor.shape)} by config.json")
+                             f"checkpoint, {tuple(tensor.shape)} by config.json")
     model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_word_embeddings:  # assign=True made two Parameters out of the one shared tensor
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -462,18 +462,17 @@ def assert_one_line_error(result, words: str) -> None:
     (b"  \n\n \t\n", "is empty"),
     (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not a text file"),
     ("Caf\u00e9 au lait".encode("latin-1"), "not UTF-8"),
+    ("a folder", "is a folder"),
 ])
 def test_bad_document_is_one_line(tmp_path, content, words):
     doc = tmp_path / "doc.txt"
-    if content is not None:
+    if content == "a folder":
+        doc.mkdir()
+    elif content is not None:
         doc.write_bytes(content)
     out = tmp_path / "out"
     assert_one_line_error(run_cli("--doc", str(doc), "--out", str(out), "--model", str(tmp_path)), words)
     assert not out.exists()
-
-
-def test_a_folder_given_as_the_document_is_one_line(tmp_path):
-    assert_one_line_error(run_cli("--doc", str(tmp_path), "--out", str(tmp_path / "o")), "is a folder")
 
 
 @pytest.mark.parametrize("text, words", [
