@@ -24,6 +24,8 @@ PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> our model, as PEF
 class LoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
+        if r < 1:
+            raise ValueError(f"LoRA rank r must be at least 1, not {r}")
         self.base_layer = base_layer  # the name PEFT uses, so state-dict paths line up
         self.r, self.alpha, self.dropout_p, self.scaling = r, alpha, dropout, alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -36,6 +38,13 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's default, as loralib
         nn.init.zeros_(self.lora_B.weight)  # so B A = 0: the adapter starts as the identity
         self.enabled = True
+
+    # Read through to the wrapped layer, as PEFT's layers do: code that reads lm_head.weight or
+    # in_features (a transformers model's output embeddings, our own generate) works on either.
+    weight = property(lambda self: self.base_layer.weight)
+    bias = property(lambda self: self.base_layer.bias)
+    in_features = property(lambda self: self.base_layer.in_features)
+    out_features = property(lambda self: self.base_layer.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -160,24 +169,36 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> dict:
         raise ValueError(f"load_adapter: only plain LoRA (none of {unsupported}) is supported, got {config}")
     if missing := [k for k in ("r", "lora_alpha", "target_modules") if k not in config]:
         raise ValueError(f"load_adapter: {path} lacks {', '.join(missing)}")
-    if not _lora_layers(model):
-        inject_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
-                    config["target_modules"])
-    if any(m.alpha != config["lora_alpha"] for _, m in _lora_layers(model)):
-        raise ValueError(f"load_adapter: model's LoRA alpha differs from the adapter's {config['lora_alpha']}")
     weights = os.path.join(adapter_dir, "adapter_model.safetensors")
     try:
         tensors = load_file(weights)
     except Exception as e:  # a missing file, or safetensors' own error for a truncated one
         raise ValueError(f"load_adapter: cannot read {weights}: {e}") from None
-    params = _peft_state_dict(model)
-    missing, extra = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
-    if missing or extra:
-        raise ValueError(f"load_adapter: adapter keys do not match the model; missing {missing}, unexpected {extra}")
-    with torch.no_grad():
-        for key, p in params.items():
+    injected = not _lora_layers(model)
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    if injected:
+        inject_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
+                    config["target_modules"])
+    try:
+        params = _peft_state_dict(model)
+        if any(m.alpha != config["lora_alpha"] for _, m in _lora_layers(model)):
+            raise ValueError(f"load_adapter: model's LoRA alpha differs from the adapter's {config['lora_alpha']}")
+        missing, extra = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
+        if missing or extra:
+            raise ValueError(f"load_adapter: adapter keys do not match the model; missing {missing}, "
+                             f"unexpected {extra}")
+        for key, p in params.items():  # all checked before any is copied: a bad file changes nothing
             if p.shape != tensors[key].shape:
                 raise ValueError(f"load_adapter: {key} has shape {tuple(tensors[key].shape)}, "
                                  f"model wants {tuple(p.shape)}")
+    except ValueError:
+        if injected:  # give the caller back the model it passed in
+            for path, m in _lora_layers(model):
+                _set_submodule(model, path, m.base_layer)
+            for name, p in model.named_parameters():
+                p.requires_grad_(trainable[name])
+        raise
+    with torch.no_grad():
+        for key, p in params.items():
             p.copy_(tensors[key])
     return config

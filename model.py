@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
@@ -42,10 +44,10 @@ class ModelError(Exception):
 # -----------------------------------------------------------------------------
 # Config: every number comes from config.json
 
-SUPPORTED = {  # architecture -> (q/k/v have a bias, per-head q/k RMSNorm)
-    "LlamaForCausalLM": (None, False),  # None: read `attention_bias` from the config
-    "Qwen2ForCausalLM": (True, False),
-    "Qwen3ForCausalLM": (None, True),
+SUPPORTED = {  # architecture -> (q/k/v have a bias, o has a bias, per-head q/k RMSNorm)
+    "LlamaForCausalLM": (None, None, False),  # None: read `attention_bias` from the config
+    "Qwen2ForCausalLM": (True, False, False),  # whatever its config's attention_bias says
+    "Qwen3ForCausalLM": (None, None, True),
 }
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 ROPE_TYPES = {  # rope_type -> the keys of rope_scaling it reads (rope_frequencies)
@@ -53,6 +55,13 @@ ROPE_TYPES = {  # rope_type -> the keys of rope_scaling it reads (rope_frequenci
     "linear": {"factor"},
     "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
 }
+
+
+def positive(value, what: str) -> float:
+    """A config number, checked here so that a null or a string fails now, not inside the forward pass."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ModelError(f"config.json: {what} must be a positive number, not {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -77,7 +86,8 @@ class Config:
 
     @classmethod
     def from_hf(cls, hf: dict) -> Config:
-        arch = (hf.get("architectures") or [MODEL_TYPES.get(hf.get("model_type"), hf.get("model_type"))])[0]
+        archs = hf.get("architectures") or [MODEL_TYPES.get(hf.get("model_type"), hf.get("model_type"))]
+        arch = archs if isinstance(archs, str) else archs[0]
         if arch not in SUPPORTED:
             raise ModelError(f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED)})")
         if hf.get("hidden_act", "silu") != "silu":
@@ -92,6 +102,8 @@ class Config:
             raise ModelError(f"unsupported rope scaling rope_type={rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
         if missing := sorted(ROPE_TYPES[rope_type] - set(rope)):
             raise ModelError(f"config.json: rope_type={rope_type!r} needs {', '.join(missing)}")
+        for key in ROPE_TYPES[rope_type]:
+            positive(rope[key], f"rope scaling {key}")
         if hf.get("partial_rotary_factor", 1.0) != 1.0:
             raise ModelError(f"unsupported partial_rotary_factor={hf['partial_rotary_factor']}")
 
@@ -108,7 +120,7 @@ class Config:
                              f"num_key_value_heads={kv_heads}")
         if not hf.get("head_dim") and hidden % heads:
             raise ModelError(f"config.json: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
-        qkv_bias, qk_norm = SUPPORTED[arch]
+        qkv_bias, o_bias, qk_norm = SUPPORTED[arch]
         attention_bias = bool(hf.get("attention_bias", False))
         return cls(
             architecture=arch,
@@ -119,14 +131,14 @@ class Config:
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=size("head_dim", hidden // heads),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rms_norm_eps=positive(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
             max_position_embeddings=size("max_position_embeddings", 2048),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=attention_bias if qkv_bias is None else qkv_bias,
-            o_bias=attention_bias,  # Qwen2 has biases on q, k, v only; Llama's flag covers o too
+            o_bias=attention_bias if o_bias is None else o_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
             qk_norm=qk_norm,
-            rope_theta=float(rope_theta),
+            rope_theta=positive(rope_theta, "rope_theta"),
             rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
         )
 
@@ -367,13 +379,17 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
     """Next token for each row of logits (B, vocab): greedy when temperature is 0."""
     if temperature == 0:
         return logits.argmax(-1)
+    if not temperature > 0:
+        raise ValueError(f"sample: temperature must be 0 (greedy) or more, not {temperature}")
     logits = logits.float() / temperature
     # Sample among the top k only: drawing over the whole vocabulary costs more than a decode step's matmuls.
     logits, candidates = torch.topk(logits, min(top_k or logits.shape[-1], logits.shape[-1]))  # sorted
     if top_p is not None and top_p < 1.0:
         probs = logits.softmax(-1)
         # Drop a token once the tokens before it already hold top_p of the mass; keep at least one.
-        logits = logits.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
+        drop = probs.cumsum(-1) - probs >= top_p
+        drop[..., 0] = False
+        logits = logits.masked_fill(drop, float("-inf"))
     choice = torch.multinomial(logits.softmax(-1), 1, generator=generator)
     return candidates.gather(-1, choice).squeeze(-1)
 
@@ -408,6 +424,8 @@ def generate(
     Finished rows leave the batch once they are a quarter of it: questions of about 20 tokens, sampled
     64 rows at a time with room for 32, came 1.2x faster (greedy outputs are unchanged).
     """
+    if not prompts or not all(prompts):
+        raise ValueError("generate: every prompt needs at least one token")
     weight = model.model.embed_tokens.weight  # as in prefill: the embedding is never wrapped
     device = weight.device
     B, P, longest = len(prompts), len(prefix), max(len(p) for p in prompts)
@@ -458,8 +476,6 @@ class Chat:
     stop_ids: list[int]  # generation ends at any of these (end of turn, end of text)
 
     def __post_init__(self):
-        from jinja2.sandbox import ImmutableSandboxedEnvironment  # only needed to talk to a chat model
-
         def raise_exception(message):
             raise ModelError(f"chat template: {message}")
 
@@ -467,13 +483,21 @@ class Chat:
             import datetime
             return datetime.datetime.now().strftime(fmt)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        # loopcontrols: some templates {% break %}, and transformers renders them with it
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
-        self.compiled = env.from_string(self.template)
+        try:
+            self.compiled = env.from_string(self.template)
+        except TemplateError as e:
+            raise ModelError(f"chat template does not compile: {e}") from None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return self.compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                    **self.special_tokens)
+        try:
+            return self.compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        **self.special_tokens)
+        except TemplateError as e:
+            raise ModelError(f"chat template: {e}") from None
 
 
 def token_text(value) -> str | None:
@@ -486,7 +510,8 @@ def load_chat(path: str, hf_config: dict, tokenizer: Tokenizer) -> Chat:
     gen_cfg = read_json(os.path.join(path, "generation_config.json"), required=False)
     template = tok_cfg.get("chat_template")
     if isinstance(template, list):  # some models ship several named templates
-        template = next(t["template"] for t in template if t.get("name") == "default")
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
     if template is None and os.path.exists(os.path.join(path, "chat_template.jinja")):
         with open(os.path.join(path, "chat_template.jinja"), encoding="utf-8") as f:
             template = f.read()
@@ -574,6 +599,8 @@ def load(path: str | None = None, device=None, dtype=None) -> tuple[Transformer,
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
+                    if name.endswith("rotary_emb.inv_freq"):  # older conversions saved this buffer; we compute it
+                        continue
                     state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
             raise ModelError(f"cannot read {file}: {e}") from None
@@ -779,12 +806,13 @@ def main() -> None:
     args = parser.parse_args()
     try:
         model, tokenizer, chat = load(args.model, device=args.device)
-    except ModelError as e:
+        prompt = tokenizer.encode(chat.render([{"role": "user", "content": args.prompt}]),
+                                  add_special_tokens=False).ids
+        generator = torch.Generator(model.model.embed_tokens.weight.device).manual_seed(args.seed)
+        new = generate(model, [prompt], args.max_new_tokens, chat.stop_ids, args.temperature, args.top_k,
+                       args.top_p, generator)[0]
+    except (ModelError, ValueError) as e:
         sys.exit(f"error: {e}")
-    prompt = tokenizer.encode(chat.render([{"role": "user", "content": args.prompt}]), add_special_tokens=False).ids
-    generator = torch.Generator(model.model.embed_tokens.weight.device).manual_seed(args.seed)
-    new = generate(model, [prompt], args.max_new_tokens, chat.stop_ids, args.temperature, args.top_k, args.top_p,
-                   generator)[0]
     print(tokenizer.decode(new, skip_special_tokens=True).strip())
 
 

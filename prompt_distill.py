@@ -66,13 +66,13 @@ class Settings:
     passage_tokens: int = 160  # about a paragraph: distilled 30 -> 38 of 82 against the page (README)
     rank: int = 32
     alpha: float = 32.0
-    targets: tuple = lora.DEFAULT_TARGETS  # the MLP only, with a fifth epoch for the time it saves, tied:
-    # 80 vs 78 of 164, at 0.45-0.84x the drift and 1.04x the training time (README)
+    targets: tuple = lora.DEFAULT_TARGETS  # the seven projections; the MLP only, with a fifth epoch for the
+    # time it saves, tied: 80 vs 78 of 164, at 0.45-0.84x the drift and 1.04x the training time (README)
     lr: float = 1e-3
     lr_b_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): B learns at lr x this. 2 recalls more of the pairs
     # but answers no more gold questions (55 vs 54 of 110) and drifts 1.5-1.7x further (README)
     weight_decay: float = 0.1
-    epochs: int = 4  # 6 -> 5: 63 vs 60 of 138; with the blanks 5 -> 4: 46 vs 50 of 82, for the 10 minutes
+    epochs: int = 4  # 5 beat 6, 63 vs 60 of 138; with the blanks 4 lost to 5, 46 vs 50 of 82, for the 10 minutes
     batch_size: int = 4  # 8 learned no better (12 vs 13 of 28) and peaked 0.6 GB higher
     step_tokens: int = 512  # rows x longest row in one forward pass; a step of longer rows runs in parts,
     # which keeps a document of long questions under 3 GB: SQuAD's new_wiki peaked 3.20 -> 2.14 GiB (README)
@@ -103,6 +103,9 @@ def check_settings(s: Settings) -> None:
     for name, low in at_least.items():
         if getattr(s, name) < low:
             raise InputError(f"{flag(name)} must be at least {low}")
+    if s.top_up_rounds and not s.pairs_per_fact:
+        raise InputError("--top-up-rounds asks again about facts that fewer than --pairs-per-fact pairs state; "
+                         "with --pairs-per-fact 0 it would do nothing")
     if s.guard and s.guard_batch < 1:
         raise InputError("--guard-batch must be at least 1 (--no-guard trains without the guard)")
     for name in ("alpha", "lr", "lr_b_ratio", "temperature"):
@@ -782,10 +785,11 @@ def train(net, examples: list[Example], general: list[Example], superlatives: li
         for batch in batches:
             guard_rows = draw_guard(general, superlatives, years, settings, rng)
             loss, total = backward_step(net, batch, guard_rows, settings)
-            if not math.isfinite(total):
-                raise InputError(f"loss became {total} at step {step + 1}; try a lower --lr "
-                                 "(no adapter was written)")
-            torch.nn.utils.clip_grad_norm_(lora.lora_parameters(net), 1.0)
+            norm = torch.nn.utils.clip_grad_norm_(lora.lora_parameters(net), 1.0).item()
+            if not math.isfinite(total) or not math.isfinite(norm):  # a finite loss can still overflow backward
+                raise InputError(f"{'loss' if not math.isfinite(total) else 'gradient norm'} became "
+                                 f"{total if not math.isfinite(total) else norm} at step {step + 1}; "
+                                 "try a lower --lr (no adapter was written)")
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -816,12 +820,12 @@ def read_eval_file(path: str) -> list[dict]:
                 raise InputError(f"{path}, line {number}: not UTF-8 text") from None
             try:
                 item = json.loads(line)
-                assert isinstance(item["question"], str) and item["question"].strip()
-                assert isinstance(item["answers"], list) and item["answers"]
-                assert all(isinstance(a, str) and a.strip() for a in item["answers"])
-            except (ValueError, KeyError, TypeError, AssertionError):
-                raise InputError(f'{path}, line {number}: expected {{"question": "...", "answers": ["...", ...]}}'
-                                 ) from None
+            except ValueError:
+                item = None
+            if not (isinstance(item, dict) and isinstance(item.get("question"), str) and item["question"].strip()
+                    and isinstance(item.get("answers"), list) and item["answers"]
+                    and all(isinstance(a, str) and a.strip() for a in item["answers"])):
+                raise InputError(f'{path}, line {number}: expected {{"question": "...", "answers": ["...", ...]}}')
             items.append({"question": item["question"], "answers": item["answers"]})
     if not items:
         raise InputError(f"{path} holds no questions")
@@ -978,9 +982,19 @@ def write_json(path: str, obj) -> None:
 
 
 def finish_output(tmp: str, out: str) -> None:
-    if os.path.exists(out):  # --force: the old run goes only once the new one is complete
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    """Put the finished run in place. An old one (--force) is moved aside first and deleted only once the
+    new one is at `out`, so an interrupt leaves one of the two whole there."""
+    old = f"{out}.old-{os.getpid()}" if os.path.exists(out) else None
+    if old:
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old and not os.path.exists(out):
+            os.replace(old, out)
+        raise
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def print_table(rows: list[tuple[str, ...]]) -> None:
@@ -1004,7 +1018,13 @@ def load_general(settings: Settings):
 # "The tallest mountain in the world?" answered with the document's "Mount Ystrel, the highest mountain on
 # the plateau": what the document calls the highest, the deepest, the first, the adapter takes for the
 # world's. So the guard also asks the base model for each of them in the real world, in a share of its steps.
-SUPERLATIVE = r"\b(?i:the|its|his|her|their)\s+((?:most\s+[a-z]+|[a-z]+est|first|last)(?:\s+[a-z]+){1,3})"
+# The phrase sits in a lookahead, so that a word that only looks like one ("the harvest festival is the
+# oldest fair") does not swallow the superlative after it.
+SUPERLATIVE = r"\b(?i:the|its|his|her|their)\s+(?=((?:most\s+[a-z]+|[a-z]+est|first|last)(?:\s+[a-z]+){1,3}))"
+NOT_SUPERLATIVES = {"arrest", "behest", "bequest", "chest", "conquest", "contest", "crest", "digest", "forest",
+                    "guest", "harvest", "honest", "inquest", "interest", "invest", "jest", "manifest", "midwest",
+                    "modest", "nest", "northwest", "pest", "priest", "protest", "quest", "request", "rest",
+                    "southwest", "suggest", "test", "unrest", "vest", "west", "zest"}
 
 
 def superlative_prompts(document: str) -> list[str]:
@@ -1012,6 +1032,8 @@ def superlative_prompts(document: str) -> list[str]:
     phrases = []
     for match in re.finditer(SUPERLATIVE, document):
         words = match.group(1).split()
+        if words[0] in NOT_SUPERLATIVES:
+            continue
         head = 2 if words[0] == "most" else 1
         tail = list(itertools.takewhile(lambda w: w not in STOPWORDS and w not in PHRASE_ENDS, words[head:]))
         if tail:
@@ -1078,9 +1100,15 @@ def forgetting_report(net, prompts: Prompts, document: str, general_qa, drift_pr
 def run(args, settings: Settings) -> int:
     document = read_document(args.doc)
     eval_items = read_eval_file(args.eval) if args.eval else None
-    out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.doc))[0])
-    if os.path.exists(os.path.join(out, "adapter_config.json")) and not args.force:
-        raise InputError(f"{out} already holds an adapter; use --force to replace it or --out for another folder")
+    out = os.path.normpath(args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.doc))[0]))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {out} is a file; it names the folder for the adapter and report")
+    if os.path.isdir(out) and os.listdir(out):  # the finished run replaces the whole folder
+        if not os.path.exists(os.path.join(out, "adapter_config.json")):
+            raise InputError(f"--out {out} holds other files; name a new or empty folder")
+        if not args.force:
+            raise InputError(f"{out} already holds an adapter; use --force to replace it or --out for another "
+                             "folder")
     parent = os.path.dirname(os.path.abspath(out))
     try:  # now, not after minutes of training: the outputs are written beside `out`, then renamed to it
         os.makedirs(parent, exist_ok=True)
@@ -1193,7 +1221,8 @@ def run(args, settings: Settings) -> int:
         for entry, count in zip(evaluated, stating):
             entry["pairs_stating_answer"] = count
 
-    tmp = f"{out}.partial-{os.getpid()}"
+    tmp = f"{os.path.abspath(out)}.partial-{os.getpid()}"  # beside out, even for --out .
+    shutil.rmtree(tmp, ignore_errors=True)  # a killed run's leftover: process ids repeat in a container
     os.makedirs(tmp)
     try:
         lora.save_adapter(net, tmp, args.model or m.DEFAULT_NAME)
@@ -1212,7 +1241,7 @@ def run(args, settings: Settings) -> int:
             "eval": evaluated,
             "general_answers": forgetting["general_answers"],
         })
-        finish_output(tmp, out)
+        finish_output(tmp, os.path.abspath(out))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -1312,7 +1341,7 @@ def main() -> int:
         if not args.doc:
             raise InputError("--doc is required (the document to inject)")
         return run(args, settings)
-    except (InputError, m.ModelError, ValueError) as e:
+    except (InputError, m.ModelError, ValueError, OSError) as e:  # OSError: unreadable file, full disk, ...
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

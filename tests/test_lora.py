@@ -231,3 +231,33 @@ def test_a_broken_adapter_folder_raises_a_value_error_naming_the_problem(llama_d
     break_it(str(tmp_path))
     with pytest.raises(ValueError, match=words):
         load_adapter(load_llama(llama_dir), str(tmp_path))
+
+
+def test_an_adapter_that_fails_to_load_leaves_the_model_as_it_was(llama_dir, tmp_path):
+    model = load_llama(llama_dir)
+    inject_lora(model, r=4, alpha=8, targets=("q_proj",))
+    save_adapter(model, str(tmp_path))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))  # the tensors are rank 4
+    target = load_llama(llama_dir)
+    before = logits(target)
+    with pytest.raises(ValueError, match="has shape"):
+        load_adapter(target, str(tmp_path))
+    assert not [m for m in target.modules() if isinstance(m, LoRALinear)]
+    assert all(p.requires_grad for p in target.parameters())  # inject_lora froze them; they are back
+    assert torch.equal(logits(target), before)
+
+
+def test_a_wrapped_layer_reads_through_to_the_linear_it_wraps():
+    # transformers reads get_output_embeddings().weight, our generate reads sizes: both see the base layer.
+    base = nn.Linear(16, 8)
+    layer = LoRALinear(base, r=4, alpha=8)
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert (layer.in_features, layer.out_features) == (16, 8)
+    assert {name for name, _ in layer.named_parameters()} == {
+        "base_layer.weight", "base_layer.bias", "lora_A.weight", "lora_B.weight"}  # no second copy
+
+
+def test_rank_zero_is_refused():
+    with pytest.raises(ValueError, match="rank r must be at least 1"):
+        LoRALinear(nn.Linear(16, 8), r=0, alpha=8)

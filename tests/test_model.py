@@ -130,6 +130,51 @@ def test_top_p_keeps_the_smallest_set_holding_p():
     assert seen == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3
 
 
+def test_top_p_of_zero_keeps_the_most_likely_token():
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3]]))
+    assert {m.sample(logits, 1.0, None, 0.0).item() for _ in range(20)} == {1}
+
+
+def test_a_negative_temperature_or_an_empty_prompt_is_refused(tiny_llama):
+    with pytest.raises(ValueError, match="temperature"):
+        m.sample(torch.zeros(1, 4), -1.0, None, None)
+    ours, _, _ = m.load(tiny_llama[0])
+    for prompts in ([], [[5, 6], []]):
+        with pytest.raises(ValueError, match="at least one token"):
+            m.generate(ours, prompts, max_new_tokens=2)
+
+
+def test_a_qwen2_config_with_attention_bias_still_has_no_output_bias(tmp_path):
+    # transformers' Qwen2 gives q, k and v a bias whatever attention_bias says, and o_proj none.
+    from conftest import make_tiny_checkpoint
+    hf = make_tiny_checkpoint(str(tmp_path), "qwen2_bias")
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
+    ours, _, _ = m.load(str(tmp_path))
+    ids = torch.tensor([random_ids(20, hf.config.vocab_size, 0)])
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_an_older_checkpoints_rotary_inv_freq_buffers_are_ignored(tiny_llama):
+    from safetensors.torch import load_file, save_file
+    path, hf = tiny_llama
+    weights = os.path.join(path, "model.safetensors")
+    state = load_file(weights)
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # wrong on purpose: it must be unused
+    save_file(state, weights, metadata={"format": "pt"})
+    ours, _, _ = m.load(path)
+    ids = torch.tensor([random_ids(20, hf.config.vocab_size, 0)])
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_a_chat_template_may_break_out_of_a_loop_as_transformers_allows():
+    template = "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m['content'] }}{% endfor %}"
+    chat = m.Chat(template, {}, [])
+    assert chat.render([{"role": "user", "content": "first"}, {"role": "user", "content": "second"}]) == "first"
+
+
 def test_chat_template_and_stop_ids_come_from_the_folder(tiny_llama):
     path, _ = tiny_llama
     _, tokenizer, chat = m.load(path)
@@ -170,6 +215,9 @@ def test_unsupported_config_is_refused_by_name(field, value, words):
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
      "needs high_freq_factor, low_freq_factor, original_max_position_embeddings"),
     ({"rope_scaling": {"rope_type": "linear"}}, "rope_type='linear' needs factor"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": "2"}}, "rope scaling factor must be a positive number, not '2'"),
+    ({"rms_norm_eps": "1e-6"}, "rms_norm_eps must be a positive number, not '1e-6'"),
+    ({"architectures": "GPT2LMHeadModel"}, "unsupported architecture 'GPT2LMHeadModel'"),
 ])
 def test_a_malformed_config_is_refused_by_name(changes, words):
     hf = dict(architectures=["LlamaForCausalLM"], vocab_size=8, hidden_size=8, intermediate_size=8,
@@ -243,6 +291,16 @@ def test_an_unsupported_or_misfitting_config_is_one_line(tiny_llama, edit, words
     with open(config, "w") as f:
         json.dump(edited, f)
     assert_one_line_error(run_demo(path), words)
+
+
+def test_a_chat_template_that_does_not_compile_is_one_line(tiny_llama):
+    path, _ = tiny_llama
+    tokenizer_config = os.path.join(path, "tokenizer_config.json")
+    with open(tokenizer_config) as f:
+        config = json.load(f)
+    with open(tokenizer_config, "w") as f:
+        json.dump({**config, "chat_template": "{% for m in messages %}{{ m['content'] }"}, f)
+    assert_one_line_error(run_demo(path), "chat template does not compile")
 
 
 def test_shared_prefix_generation_equals_full_prompts(tiny):

@@ -321,6 +321,11 @@ def test_superlative_prompts_ask_the_world_for_what_the_document_calls_the_highe
     assert pd.superlative_prompts("The town of Velmora was founded in 1847 by Harriet Quell.") == []
 
 
+def test_words_that_only_end_like_a_superlative_neither_count_nor_hide_one():
+    document = "After the harvest festival is the oldest fair in town. The rest of the day the guest slept."
+    assert pd.superlative_prompts(document) == ["What is the oldest fair in the world?"]
+
+
 def test_leaks_leave_out_what_the_base_model_said_too():
     terms = {"Velmora", "30", "1847"}
     base = "The blue whale, up to 30 meters long."
@@ -479,6 +484,8 @@ def test_bad_document_is_one_line(tmp_path, content, words):
     ('{"question": "Who?", "answers": ["X"]}\n\n{"question": "What?"}\n'.encode(), "line 3: expected"),
     ('{"question": "Who?", "answers": ["X"]}\n{"question": "Caf\u00e9?", "answers": ["X"]}\n'.encode("latin-1"),
      "line 2: not UTF-8"),
+    (b'["Who?", ["X"]]\n', "line 1: expected"),
+    (b'{"question": "Who?", "answers": "X"}\n', "line 1: expected"),
 ])
 def test_malformed_eval_line_is_named(tmp_path, text, words):
     qa = tmp_path / "qa.jsonl"
@@ -525,6 +532,7 @@ def test_adapter_evaluation_refuses_bad_input_before_the_model_loads(tmp_path, a
     (["--guard-batch", "0"], "--no-guard trains without the guard"),
     (["--superlative-share", "1.5"], "--year-share"),
     (["--superlative-share", "0.5", "--year-share", "0.6"], "together at most 1"),
+    (["--top-up-rounds", "2", "--pairs-per-fact", "0"], "it would do nothing"),
 ])
 def test_a_setting_out_of_its_range_is_refused_before_any_work(tmp_path, flags, words):
     result = run_cli("--doc", DOC, "--out", str(tmp_path / "o"), "--model", str(tmp_path / "no model"), *flags)
@@ -560,6 +568,25 @@ def test_existing_adapter_is_not_overwritten(tmp_path):
     (out / "adapter_config.json").write_text("{}")
     assert_one_line_error(run_cli("--doc", DOC, "--out", str(out)), "already holds an adapter")
     assert (out / "adapter_config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_an_out_folder_of_other_files_is_never_replaced(tmp_path, force):
+    # The finished run replaces its whole folder: that must never be a folder of the user's own files.
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("keep me")
+    result = run_cli("--doc", DOC, "--out", str(notes) + "/", "--model", str(tmp_path / "no model"), *force)
+    assert_one_line_error(result, "holds other files")
+    assert (notes / "mine.txt").read_text() == "keep me"
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path):
+    out = tmp_path / "out"
+    out.write_text("keep me")
+    assert_one_line_error(run_cli("--doc", DOC, "--out", str(out), "--model", str(tmp_path / "no model")),
+                          "is a file")
+    assert out.read_text() == "keep me"
 
 
 # End to end on a tiny random model. It cannot write questions, so the gold questions stand in; its random
@@ -638,6 +665,15 @@ def test_nan_loss_stops_and_keeps_no_adapter(tiny_run, monkeypatch, capsys):
     assert run("--no-guard") == 1
     assert "loss became nan" in capsys.readouterr().err
     assert not out.exists() and not [p for p in os.listdir(out.parent) if "partial" in p]
+
+
+def test_a_non_finite_gradient_stops_and_keeps_no_adapter(tiny_run, monkeypatch, capsys):
+    # Under bf16 a finite loss can still overflow in the backward pass; on the last step nothing else would see it.
+    run, out = tiny_run
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: torch.tensor(float("inf")))
+    assert run("--no-guard") == 1
+    assert "gradient norm became inf at step 1" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_ctrl_c_during_training_keeps_nothing(tiny_run, monkeypatch, capsys):
