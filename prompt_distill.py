@@ -235,6 +235,10 @@ def split_passages(text: str, count_tokens, max_tokens: int) -> list[str]:
         for sentence in re.split(r"(?<=[.!?])\s+", paragraph):
             words = sentence.split()
             while count_tokens(" ".join(words)) > max_tokens:  # one giant sentence: cut it by words
+                while count_tokens(words[0]) > max_tokens:  # one giant word (a URL, a blob): by characters
+                    word = words[0]
+                    chars = max(1, len(word) * max_tokens // count_tokens(word) - 1)
+                    words[:1] = [word[:chars], word[chars:]]
                 cut = max(1, len(words) * max_tokens // count_tokens(" ".join(words)) - 1)
                 pieces.append(" ".join(words[:cut]))
                 words = words[cut:]
@@ -790,12 +794,13 @@ def train(net, examples: list[Example], general: list[Example], superlatives: li
                 raise InputError(f"{'loss' if not math.isfinite(total) else 'gradient norm'} became "
                                  f"{total if not math.isfinite(total) else norm} at step {step + 1}; "
                                  "try a lower --lr (no adapter was written)")
+            lr = schedule.get_last_lr()[0]  # this step's, before the schedule moves on
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss)
             step += 1
-            progress.update(loss=sum(losses[-10:]) / len(losses[-10:]), lr=schedule.get_last_lr()[0])
+            progress.update(loss=sum(losses[-10:]) / len(losses[-10:]), lr=lr)
     progress.close()
     net.eval()
     return_freed_memory()

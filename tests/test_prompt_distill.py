@@ -203,6 +203,13 @@ def test_one_huge_sentence_is_cut_by_words():
     assert all(len(p.split()) <= 64 for p in passages) and sum(len(p.split()) for p in passages) == 1000
 
 
+def test_one_huge_word_is_cut_by_characters():
+    blob = "QmFzZTY0" * 500  # 4,000 characters and no space, as a pasted URL or base64 blob
+    count = lambda s: -(-len(s) // 4)  # a token per 4 characters
+    passages = pd.split_passages(f"See {blob} here.", count, 64)
+    assert all(count(p) <= 64 for p in passages) and "".join("".join(passages).split()) == f"See{blob}here."
+
+
 def test_is_correct_needs_the_normalised_gold_inside_the_answer():
     assert pd.is_correct("The mayor is Harriet Quell.", ["harriet quell"])
     assert not pd.is_correct("The mayor is Harriet.", ["Harriet Quell"])
