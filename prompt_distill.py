@@ -72,7 +72,8 @@ class Settings:
     lr_b_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): B learns at lr x this. 2 recalls more of the pairs
     # but answers no more gold questions (55 vs 54 of 110) and drifts 1.5-1.7x further (README)
     weight_decay: float = 0.1
-    epochs: int = 4  # 5 beat 6, 63 vs 60 of 138; with the blanks 4 lost to 5, 46 vs 50 of 82, for the 10 minutes
+    epochs: int = 4  # 5 beat 6 (63 vs 60 of 138); with the blanks 5 beat 4 (50 vs 46 of 82) but took kelvaran
+    # past the 10 minutes (README)
     batch_size: int = 4  # 8 learned no better (12 vs 13 of 28) and peaked 0.6 GB higher
     step_tokens: int = 512  # rows x longest row in one forward pass; a step of longer rows runs in parts,
     # which keeps a document of long questions under 3 GB: SQuAD's new_wiki peaked 3.20 -> 2.14 GiB (README)
@@ -790,10 +791,10 @@ def train(net, examples: list[Example], general: list[Example], superlatives: li
             guard_rows = draw_guard(general, superlatives, years, settings, rng)
             loss, total = backward_step(net, batch, guard_rows, settings)
             norm = torch.nn.utils.clip_grad_norm_(lora.lora_parameters(net), 1.0).item()
-            if not math.isfinite(total) or not math.isfinite(norm):  # a finite loss can still overflow backward
-                raise InputError(f"{'loss' if not math.isfinite(total) else 'gradient norm'} became "
-                                 f"{total if not math.isfinite(total) else norm} at step {step + 1}; "
-                                 "try a lower --lr (no adapter was written)")
+            for what, value in (("loss", total), ("gradient norm", norm)):  # a finite loss can overflow backward
+                if not math.isfinite(value):
+                    raise InputError(f"{what} became {value} at step {step + 1}; try a lower --lr "
+                                     "(no adapter was written)")
             lr = schedule.get_last_lr()[0]  # this step's, before the schedule moves on
             optimizer.step()
             schedule.step()
