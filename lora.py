@@ -112,7 +112,8 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear with its merged nn.Linear (for export or faster inference)."""
+    """Replace every LoRALinear with its merged nn.Linear (for export or faster inference). A merged
+    lm_head that was tied to the embedding gets a weight of its own: W + BA is no longer the embedding."""
     for path, m in _lora_layers(model):
         _set_submodule(model, path, m.merge())
     return model
