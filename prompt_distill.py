@@ -1341,8 +1341,8 @@ def main() -> int:
     try:
         check_settings(settings)
         if args.adapter:
-            if not (args.ask or args.eval):
-                raise InputError("--adapter needs --eval QA.jsonl or --ask QUESTION")
+            if bool(args.ask) == bool(args.eval):
+                raise InputError("--adapter needs one of --eval QA.jsonl and --ask QUESTION")
             return evaluate_adapter(args, settings)
         if not args.doc:
             raise InputError("--doc is required (the document to inject)")

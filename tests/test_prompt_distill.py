@@ -514,6 +514,11 @@ def test_an_out_folder_that_cannot_be_made_is_refused_before_any_work(tmp_path):
     assert_one_line_error(result, "cannot make the folder for --out")
 
 
+@pytest.mark.parametrize("flags", [[], ["--ask", "Who?", "--eval", "qa.jsonl"]])
+def test_adapter_needs_one_of_eval_and_ask(tmp_path, flags):
+    assert_one_line_error(run_cli("--adapter", str(tmp_path), *flags), "needs one of --eval QA.jsonl and --ask")
+
+
 @pytest.mark.parametrize("adapter_files, eval_text, words", [
     ({}, '{"question": "Who?", "answers": ["X"]}\n', "no adapter in"),
     ({"adapter_config.json": "{}"}, '{"question": "Who?"}\n', "line 1"),
