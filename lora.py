@@ -176,8 +176,8 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> dict:
     except Exception as e:  # a missing file, or safetensors' own error for a truncated one
         raise ValueError(f"load_adapter: cannot read {weights}: {e}") from None
     injected = not _lora_layers(model)
-    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     if injected:
+        trainable = {name: p.requires_grad for name, p in model.named_parameters()}  # inject_lora freezes all
         inject_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
                     config["target_modules"])
     try:

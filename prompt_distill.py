@@ -1115,7 +1115,8 @@ def run(args, settings: Settings) -> int:
         if not args.force:
             raise InputError(f"{out} already holds an adapter; use --force to replace it or --out for another "
                              "folder")
-    parent = os.path.dirname(os.path.abspath(out))
+    full_out = os.path.abspath(out)  # for the files; `out` as the user wrote it, for messages
+    parent = os.path.dirname(full_out)
     try:  # now, not after minutes of training: the outputs are written beside `out`, then renamed to it
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
@@ -1227,7 +1228,7 @@ def run(args, settings: Settings) -> int:
         for entry, count in zip(evaluated, stating):
             entry["pairs_stating_answer"] = count
 
-    tmp = f"{os.path.abspath(out)}.partial-{os.getpid()}"  # beside out, even for --out .
+    tmp = f"{full_out}.partial-{os.getpid()}"  # beside out, even for --out .
     shutil.rmtree(tmp, ignore_errors=True)  # a killed run's leftover: process ids repeat in a container
     os.makedirs(tmp)
     try:
@@ -1247,7 +1248,7 @@ def run(args, settings: Settings) -> int:
             "eval": evaluated,
             "general_answers": forgetting["general_answers"],
         })
-        finish_output(tmp, os.path.abspath(out))
+        finish_output(tmp, full_out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

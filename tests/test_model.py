@@ -18,15 +18,27 @@ def random_ids(n: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def test_logits_match_transformers(tiny):
-    path, hf = tiny
-    ours, _, _ = m.load(path, device="cpu", dtype=torch.float32)
-    ids = torch.tensor([random_ids(40, hf.config.vocab_size, 0), random_ids(40, hf.config.vocab_size, 1)])
+def assert_logits_match(ours, hf, ids: torch.Tensor) -> None:
     with torch.no_grad():
         expected = hf(ids).logits
         got = ours(ids)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() <= 1e-4
+
+
+def edit_json(path: str, edit) -> None:
+    """Rewrite the JSON file at path as edit(its content)."""
+    with open(path) as f:
+        edited = edit(json.load(f))
+    with open(path, "w") as f:
+        json.dump(edited, f)
+
+
+def test_logits_match_transformers(tiny):
+    path, hf = tiny
+    ours, _, _ = m.load(path, device="cpu", dtype=torch.float32)
+    ids = torch.tensor([random_ids(40, hf.config.vocab_size, 0), random_ids(40, hf.config.vocab_size, 1)])
+    assert_logits_match(ours, hf, ids)
 
 
 def test_no_mask_is_the_same_attention_as_an_all_ones_mask(tiny):
@@ -148,12 +160,9 @@ def test_a_qwen2_config_with_attention_bias_still_has_no_output_bias(tmp_path):
     # transformers' Qwen2 gives q, k and v a bias whatever attention_bias says, and o_proj none.
     from conftest import make_tiny_checkpoint
     hf = make_tiny_checkpoint(str(tmp_path), "qwen2_bias")
-    config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
+    edit_json(str(tmp_path / "config.json"), lambda config: {**config, "attention_bias": True})
     ours, _, _ = m.load(str(tmp_path))
-    ids = torch.tensor([random_ids(20, hf.config.vocab_size, 0)])
-    with torch.no_grad():
-        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    assert_logits_match(ours, hf, torch.tensor([random_ids(20, hf.config.vocab_size, 0)]))
 
 
 def test_an_older_checkpoints_rotary_inv_freq_buffers_are_ignored(tiny_llama):
@@ -164,9 +173,7 @@ def test_an_older_checkpoints_rotary_inv_freq_buffers_are_ignored(tiny_llama):
     state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # wrong on purpose: it must be unused
     save_file(state, weights, metadata={"format": "pt"})
     ours, _, _ = m.load(path)
-    ids = torch.tensor([random_ids(20, hf.config.vocab_size, 0)])
-    with torch.no_grad():
-        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    assert_logits_match(ours, hf, torch.tensor([random_ids(20, hf.config.vocab_size, 0)]))
 
 
 def test_a_chat_template_may_break_out_of_a_loop_as_transformers_allows():
@@ -285,21 +292,14 @@ def test_truncated_safetensors_is_one_line(tiny_llama):
 ])
 def test_an_unsupported_or_misfitting_config_is_one_line(tiny_llama, edit, words):
     path, _ = tiny_llama
-    config = os.path.join(path, "config.json")
-    with open(config) as f:
-        edited = edit(json.load(f))
-    with open(config, "w") as f:
-        json.dump(edited, f)
+    edit_json(os.path.join(path, "config.json"), edit)
     assert_one_line_error(run_demo(path), words)
 
 
 def test_a_chat_template_that_does_not_compile_is_one_line(tiny_llama):
     path, _ = tiny_llama
-    tokenizer_config = os.path.join(path, "tokenizer_config.json")
-    with open(tokenizer_config) as f:
-        config = json.load(f)
-    with open(tokenizer_config, "w") as f:
-        json.dump({**config, "chat_template": "{% for m in messages %}{{ m['content'] }"}, f)
+    edit_json(os.path.join(path, "tokenizer_config.json"),
+              lambda config: {**config, "chat_template": "{% for m in messages %}{{ m['content'] }"})
     assert_one_line_error(run_demo(path), "chat template does not compile")
 
 
