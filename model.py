@@ -275,7 +275,9 @@ def sdpa_takes_grouped_heads(q: torch.Tensor, mask: torch.Tensor | None) -> bool
     """
     if q.device.type != "cuda":
         return True
-    return mask is None and q.dtype in (torch.float16, torch.bfloat16)
+    # Under autocast q is float32 here (the rotation promotes it), but SDPA runs in autocast's dtype.
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
+    return mask is None and dtype in (torch.float16, torch.bfloat16)
 
 
 class MLP(nn.Module):
@@ -303,21 +305,13 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
+    """The transformer without its output layer (Hugging Face's LlamaModel): token ids -> final hidden states."""
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
-class Transformer(nn.Module):
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.config = cfg
-        self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
         # A plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies.
         self.inv_freq = rope_frequencies(cfg)
 
@@ -326,14 +320,11 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        return_hidden: bool = False,
     ) -> torch.Tensor:
         """
         input_ids: (B, T) new tokens. attention_mask: (B, S) with 1 for real tokens and 0 for padding,
         covering the cached tokens and the new ones (S = cache.length + T); None means no padding.
-        Returns logits (B, T, vocab) in the model's dtype, or with return_hidden the final normed hidden
-        states (B, T, dim): then the caller puts only the positions it needs through lm_head, since
-        (B, T, vocab) logits of long prompts are large (16 x 700 x 49152 floats is 2 GB).
+        Returns the final normed hidden states (B, T, dim) in the model's dtype.
         """
         B, T = input_ids.shape
         device = input_ids.device
@@ -349,7 +340,7 @@ class Transformer(nn.Module):
             self.inv_freq = self.inv_freq.to(device)
         freqs = positions[:, :, None].float() * self.inv_freq  # (B, T, hd/2), float32
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-        dtype = self.model.embed_tokens.weight.dtype
+        dtype = self.embed_tokens.weight.dtype
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
 
         # Query t (at slot past + t) sees slots j <= past + t that hold real tokens. It always sees
@@ -362,12 +353,39 @@ class Transformer(nn.Module):
             mask = (causal & attention_mask.bool()[:, None, :]) | (key_slot == query_slot)  # (B, T, S)
             mask = mask[:, None]  # (B, 1, T, S)
 
-        x = self.model.embed_tokens(input_ids)
-        for i, block in enumerate(self.model.layers):
+        x = self.embed_tokens(input_ids)
+        for i, block in enumerate(self.layers):
             x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += T
-        x = self.model.norm(x)
+        return self.norm(x)
+
+
+class Transformer(nn.Module):
+    """The decoder and its output layer (Hugging Face's LlamaForCausalLM): token ids -> next-token logits."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """
+        Arguments as Decoder.forward's. Returns logits (B, T, vocab) in the model's dtype, or with
+        return_hidden the final normed hidden states (B, T, dim): then the caller puts only the positions
+        it needs through lm_head, since (B, T, vocab) logits of long prompts are large (16 x 700 x 49152
+        floats is 2 GB).
+        """
+        x = self.model(input_ids, attention_mask, cache)
         return x if return_hidden else self.lm_head(x)
 
 
@@ -593,7 +611,7 @@ def load(path: str | None = None, device=None, dtype=None) -> tuple[Transformer,
     # so at no point do two copies of the weights exist.
     with torch.device("meta"):
         model = Transformer(cfg)
-    model.inv_freq = rope_frequencies(cfg)  # the meta device swallowed the first one
+    model.model.inv_freq = rope_frequencies(cfg)  # the meta device swallowed the first one
     state = {}
     for file in files:
         try:

@@ -1284,7 +1284,7 @@ def evaluate_adapter(args, settings: Settings) -> int:
     if not os.path.exists(os.path.join(args.adapter, "adapter_config.json")):
         raise InputError(f"no adapter in {args.adapter} (adapter_config.json missing)")
     items = None if args.ask else read_eval_file(args.eval)  # bad input fails before the model loads
-    document = read_document(args.doc) if args.doc and not args.ask else None
+    document = read_document(args.doc) if args.doc else None
     net, tokenizer, chat = m.load(args.model, device=args.device, dtype=model_dtype(settings))
     prompts = Prompts(tokenizer, chat)
     lora.load_adapter(net, args.adapter)
@@ -1344,7 +1344,11 @@ def main() -> int:
         if args.adapter:
             if bool(args.ask) == bool(args.eval):
                 raise InputError("--adapter needs one of --eval QA.jsonl and --ask QUESTION")
+            if args.ask and args.doc:  # a document in the prompt would make it the base model's answer
+                raise InputError("--ask answers closed book, from the adapter alone; --doc goes with --eval")
             return evaluate_adapter(args, settings)
+        if args.ask:
+            raise InputError("--ask needs --adapter DIR (a trained adapter to answer with)")
         if not args.doc:
             raise InputError("--doc is required (the document to inject)")
         return run(args, settings)

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import warnings
@@ -261,3 +262,13 @@ def test_a_wrapped_layer_reads_through_to_the_linear_it_wraps():
 def test_rank_zero_is_refused():
     with pytest.raises(ValueError, match="rank r must be at least 1"):
         LoRALinear(nn.Linear(16, 8), r=0, alpha=8)
+
+
+def test_adapters_on_or_off_trace_as_one_graph_for_torch_compile():
+    model, x = tiny_mlp(), torch.randn(4, 16)
+    inject_lora(model, r=4, alpha=8, targets=("0", "2"), dropout=0.1)
+    model.train()  # dropout on
+    for switch in (contextlib.nullcontext, lora_disabled):
+        with switch(model):
+            traced = torch._dynamo.explain(model)(x)
+        assert (traced.graph_count, traced.graph_break_count) == (1, 0), traced.break_reasons

@@ -313,9 +313,26 @@ def test_shared_prefix_generation_equals_full_prompts(tiny):
     assert shared == alone
 
 
-def test_return_hidden_gives_the_states_lm_head_reads(tiny_llama):
-    path, _ = tiny_llama
+def test_the_decoder_alone_gives_transformers_hidden_states_which_lm_head_reads(tiny_llama):
+    path, hf = tiny_llama
     ours, _, _ = m.load(path)
     ids = torch.tensor([random_ids(12, ours.config.vocab_size, 6)])
     with torch.no_grad():
-        assert torch.allclose(ours.lm_head(ours(ids, return_hidden=True)), ours(ids), atol=1e-6)
+        hidden = ours.model(ids)  # as hf.model: the transformer without its output layer
+        assert (hidden - hf.model(ids).last_hidden_state).abs().max().item() <= 1e-5
+        assert torch.equal(ours(ids, return_hidden=True), hidden)
+        assert torch.allclose(ours.lm_head(hidden), ours(ids), atol=1e-6)
+
+
+def test_the_forward_pass_traces_as_one_graph_for_torch_compile(tiny_llama):
+    # A graph break (a tensor read back into Python, a branch on its value) would split torch.compile's
+    # graph; dynamo's trace alone shows it, in seconds, without compiling.
+    path, _ = tiny_llama
+    ours, _, _ = m.load(path)
+    ids = torch.tensor([random_ids(10, ours.config.vocab_size, 8), random_ids(10, ours.config.vocab_size, 9)])
+    padded = torch.ones_like(ids)
+    padded[0, :4] = 0
+    cache = m.KVCache(ours.config, 2, 16, "cpu", torch.float32)
+    for args in ((ids,), (ids, padded), (ids, padded, cache)):
+        traced = torch._dynamo.explain(ours)(*args)
+        assert (traced.graph_count, traced.graph_break_count) == (1, 0), traced.break_reasons

@@ -519,6 +519,14 @@ def test_adapter_needs_one_of_eval_and_ask(tmp_path, flags):
     assert_one_line_error(run_cli("--adapter", str(tmp_path), *flags), "needs one of --eval QA.jsonl and --ask")
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--adapter", "runs/x", "--ask", "Who?", "--doc", DOC], "--doc goes with --eval"),
+    (["--doc", DOC, "--ask", "Who?"], "--ask needs --adapter"),
+])
+def test_ask_is_refused_where_it_would_be_ignored(flags, words):
+    assert_one_line_error(run_cli(*flags), words)
+
+
 @pytest.mark.parametrize("adapter_files, eval_text, words", [
     ({}, '{"question": "Who?", "answers": ["X"]}\n', "no adapter in"),
     ({"adapter_config.json": "{}"}, '{"question": "Who?"}\n', "line 1"),
