@@ -225,6 +225,18 @@ def read_document(path: str) -> str:
     return text.replace("\r\n", "\n").strip()
 
 
+def longest_fit(n: int, fits) -> int:
+    """
+    The largest k in 1 .. n-1 with fits(k), by bisection, for a fits() that holds at 1 and fails at n. Not
+    by proportion: a URL's tokens are denser than the words after it.
+    """
+    low, high = 1, n - 1
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
 def split_passages(text: str, count_tokens, max_tokens: int) -> list[str]:
     """Paragraphs packed into passages of at most max_tokens; a longer paragraph is split at sentences."""
     pieces = []
@@ -236,11 +248,11 @@ def split_passages(text: str, count_tokens, max_tokens: int) -> list[str]:
         for sentence in re.split(r"(?<=[.!?])\s+", paragraph):
             words = sentence.split()
             while count_tokens(" ".join(words)) > max_tokens:  # one giant sentence: cut it by words
-                while count_tokens(words[0]) > max_tokens:  # one giant word (a URL, a blob): by characters
+                if count_tokens(words[0]) > max_tokens:  # one giant word (a URL, a blob): by characters
                     word = words[0]
-                    chars = max(1, len(word) * max_tokens // count_tokens(word) - 1)
-                    words[:1] = [word[:chars], word[chars:]]
-                cut = max(1, len(words) * max_tokens // count_tokens(" ".join(words)) - 1)
+                    cut = longest_fit(len(word), lambda k: count_tokens(word[:k]) <= max_tokens)
+                    words[:1] = [word[:cut], word[cut:]]
+                cut = longest_fit(len(words), lambda k: count_tokens(" ".join(words[:k])) <= max_tokens)
                 pieces.append(" ".join(words[:cut]))
                 words = words[cut:]
             pieces.append(" ".join(words))
@@ -524,7 +536,8 @@ def blanked_questions(passages: list[str], document: str) -> list[tuple[int, str
                 names = [w.removesuffix("'s") for w in span.split() if w.removesuffix("'s") in terms]
                 if not names or min(spread[w] for w in names) > 4:
                     continue
-                if match.start() == 0 and " " not in span:  # "Because", "Quillmere": a sentence's first word
+                # A sentence's one-word opening ("Because", "Quillmere") is left; a number ("1887 saw") is not.
+                if match.start() == 0 and " " not in span and not span[0].isdigit():
                     continue
                 before, after = sentence[:match.start()], sentence[match.start() + len(span):]
                 questions.append((index, f'Fill in the blank: "{before}___{after}"', sentence))
@@ -841,10 +854,12 @@ def read_eval_file(path: str) -> list[dict]:
 def answer_words(text: str) -> list[str]:
     """
     The words an answer is scored on: lowercase, no articles, a number's thousands commas dropped (9,000
-    is 9000) and every other mark a break between words, so "24-hour" holds 24 and "100.0" holds 100.
+    is 9000), a decimal or a clock time one word (1.5 holds no 5, 12.5 no 12, 10:45 no 45; 100.0 is 100)
+    and every other mark a break between words, so "24-hour" holds 24.
     """
     text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.lower())
-    return [w for w in re.findall(r"\w+", text) if w not in ARTICLES]
+    text = re.sub(r"(?<=\d)\.0+\b", "", text)
+    return [w for w in re.findall(r"\d+(?:[.:]\d+)*|\w+", text) if w not in ARTICLES]
 
 
 def is_correct(answer: str, golds: list[str]) -> bool:
@@ -1103,15 +1118,18 @@ def forgetting_report(net, prompts: Prompts, document: str, general_qa, drift_pr
 # The pipeline
 
 
+RUN_FILES = {"adapter_config.json", "adapter_model.safetensors", "qa.jsonl", "report.json"}  # what run() writes
+
+
 def run(args, settings: Settings) -> int:
     document = read_document(args.doc)
     eval_items = read_eval_file(args.eval) if args.eval else None
     out = os.path.normpath(args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.doc))[0]))
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out {out} is a file; it names the folder for the adapter and report")
-    if os.path.isdir(out) and os.listdir(out):  # the finished run replaces the whole folder
-        if not os.path.exists(os.path.join(out, "adapter_config.json")):
-            raise InputError(f"--out {out} holds other files; name a new or empty folder")
+    if os.path.isdir(out) and (held := set(os.listdir(out))):  # the finished run replaces the whole folder
+        if "adapter_config.json" not in held or held - RUN_FILES:
+            raise InputError(f"--out {out} holds other files than an earlier run's; name a new or empty folder")
         if not args.force:
             raise InputError(f"{out} already holds an adapter; use --force to replace it or --out for another "
                              "folder")

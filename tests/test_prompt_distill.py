@@ -210,6 +210,12 @@ def test_one_huge_word_is_cut_by_characters():
     assert all(count(p) <= 64 for p in passages) and "".join("".join(passages).split()) == f"See{blob}here."
 
 
+def test_a_dense_word_before_short_ones_does_not_push_a_cut_past_the_budget():
+    text = "x" * 60 + " y" * 60  # a token per character: the first word holds half the sentence's tokens
+    passages = pd.split_passages(text, len, 100)
+    assert max(map(len, passages)) <= 100 and " ".join(passages).split() == text.split()
+
+
 def test_is_correct_needs_the_normalised_gold_inside_the_answer():
     assert pd.is_correct("The mayor is Harriet Quell.", ["harriet quell"])
     assert not pd.is_correct("The mayor is Harriet.", ["Harriet Quell"])
@@ -227,6 +233,12 @@ def test_is_correct_matches_whole_words_only():
     assert pd.is_correct("Water boils at approximately 100.0 degrees Celsius.", ["100"])
     assert pd.is_correct("It was minus 61 degrees.", ["-61"])
     assert not pd.is_correct("It was -261.6°C.", ["-61"])
+    # a decimal is one number: its parts are not the gold (an adapter's "-61.8 degrees" for minus 61)
+    assert not pd.is_correct("It was -61.8 degrees.", ["-61"])
+    assert not pd.is_correct("The lake is 1.5 km long.", ["5"])
+    assert not pd.is_correct("About 12.5 metres.", ["12"])
+    assert pd.is_correct("The lake is 1.5 km long.", ["1.5 km"])
+    assert pd.is_correct("It has 12 rooms.", ["12"])
 
 
 def test_a_pair_states_an_answer_only_when_its_question_does_not_hand_it_over():
@@ -290,6 +302,11 @@ def test_blanks_cover_each_name_and_number_but_not_what_the_document_is_about():
     assert not any(q.endswith('mayor of ___."') for _, q, _ in asked)
     sentence = "It was led by Dr. Lisabel Harrowmont in 1978."
     assert pd.facts(sentence) == [sentence]  # "Dr." ends no sentence
+
+
+def test_a_number_that_begins_a_sentence_is_blanked_too():
+    document = "1887 saw the first ferry. It was named the Patient Gull."
+    assert 'Fill in the blank: "___ saw the first ferry."' in {q for _, q, _ in pd.blanked_questions([document], document)}
 
 
 # The forgetting measures
@@ -599,6 +616,16 @@ def test_an_out_folder_of_other_files_is_never_replaced(tmp_path, force):
     result = run_cli("--doc", DOC, "--out", str(notes) + "/", "--model", str(tmp_path / "no model"), *force)
     assert_one_line_error(result, "holds other files")
     assert (notes / "mine.txt").read_text() == "keep me"
+
+
+def test_an_earlier_run_beside_other_files_is_not_replaced_even_with_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("adapter_config.json", "report.json", "mine.txt"):
+        (out / name).write_text("{}")
+    result = run_cli("--doc", DOC, "--out", str(out), "--force", "--model", str(tmp_path / "no model"))
+    assert_one_line_error(result, "holds other files than an earlier run's")
+    assert (out / "mine.txt").read_text() == "{}"
 
 
 def test_an_out_that_is_a_file_is_refused(tmp_path):
