@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> our model, as PEFT names its keys
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names
 
 
 class LoRALinear(nn.Module):
@@ -146,7 +147,7 @@ def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str = 
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in _peft_state_dict(model).items()}
     os.makedirs(out_dir, exist_ok=True)
-    weights, cfg = os.path.join(out_dir, "adapter_model.safetensors"), os.path.join(out_dir, "adapter_config.json")
+    weights, cfg = os.path.join(out_dir, WEIGHTS_NAME), os.path.join(out_dir, CONFIG_NAME)
     save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
     with open(cfg + ".tmp", "w") as f:
         json.dump(config, f, indent=2)
@@ -159,7 +160,7 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> dict:
     Load a PEFT LoRA adapter (ours or PEFT's) into model, injecting it first if needed. Strict on keys.
     A missing, unreadable or unsupported adapter raises ValueError with a one-line message.
     """
-    path = os.path.join(adapter_dir, "adapter_config.json")
+    path = os.path.join(adapter_dir, CONFIG_NAME)
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
@@ -170,7 +171,7 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> dict:
         raise ValueError(f"load_adapter: only plain LoRA (none of {unsupported}) is supported, got {config}")
     if missing := [k for k in ("r", "lora_alpha", "target_modules") if k not in config]:
         raise ValueError(f"load_adapter: {path} lacks {', '.join(missing)}")
-    weights = os.path.join(adapter_dir, "adapter_model.safetensors")
+    weights = os.path.join(adapter_dir, WEIGHTS_NAME)
     try:
         tensors = load_file(weights)
     except Exception as e:  # a missing file, or safetensors' own error for a truncated one

@@ -1118,7 +1118,7 @@ def forgetting_report(net, prompts: Prompts, document: str, general_qa, drift_pr
 # The pipeline
 
 
-RUN_FILES = {"adapter_config.json", "adapter_model.safetensors", "qa.jsonl", "report.json"}  # what run() writes
+RUN_FILES = {lora.CONFIG_NAME, lora.WEIGHTS_NAME, "qa.jsonl", "report.json"}  # what run() writes
 
 
 def run(args, settings: Settings) -> int:
@@ -1128,7 +1128,7 @@ def run(args, settings: Settings) -> int:
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out {out} is a file; it names the folder for the adapter and report")
     if os.path.isdir(out) and (held := set(os.listdir(out))):  # the finished run replaces the whole folder
-        if "adapter_config.json" not in held or held - RUN_FILES:
+        if lora.CONFIG_NAME not in held or held - RUN_FILES:
             raise InputError(f"--out {out} holds other files than an earlier run's; name a new or empty folder")
         if not args.force:
             raise InputError(f"{out} already holds an adapter; use --force to replace it or --out for another "
@@ -1299,7 +1299,7 @@ def run(args, settings: Settings) -> int:
 
 def evaluate_adapter(args, settings: Settings) -> int:
     """--adapter DIR: answer --ask, or evaluate --eval with the adapter (no training)."""
-    if not os.path.exists(os.path.join(args.adapter, "adapter_config.json")):
+    if not os.path.exists(os.path.join(args.adapter, lora.CONFIG_NAME)):
         raise InputError(f"no adapter in {args.adapter} (adapter_config.json missing)")
     items = None if args.ask else read_eval_file(args.eval)  # bad input fails before the model loads
     document = read_document(args.doc) if args.doc else None

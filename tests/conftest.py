@@ -28,6 +28,14 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+def edit_json(path: str, edit) -> None:
+    """Rewrite the JSON file at path as edit(its content)."""
+    with open(path) as f:
+        edited = edit(json.load(f))
+    with open(path, "w") as f:
+        json.dump(edited, f)
+
+
 def write_tiny_tokenizer(path: str, vocab_size: int) -> None:
     """A word-level tokenizer whose ids fit the tiny vocabulary, plus a ChatML-style template."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders

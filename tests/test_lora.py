@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from lora import (LoRALinear, inject_lora, load_adapter, lora_disabled, lora_parameters, merge_lora,
                   save_adapter)
+from conftest import edit_json
 
 transformers = pytest.importorskip("transformers")
 
@@ -238,8 +239,7 @@ def test_an_adapter_that_fails_to_load_leaves_the_model_as_it_was(llama_dir, tmp
     model = load_llama(llama_dir)
     inject_lora(model, r=4, alpha=8, targets=("q_proj",))
     save_adapter(model, str(tmp_path))
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))  # the tensors are rank 4
+    edit_json(str(tmp_path / "adapter_config.json"), lambda config: {**config, "r": 8})  # the tensors are rank 4
     target = load_llama(llama_dir)
     before = logits(target)
     with pytest.raises(ValueError, match="has shape"):

@@ -1,6 +1,5 @@
 """model.py against the reference implementation (transformers) on tiny random checkpoints."""
 
-import json
 import os
 import re
 import subprocess
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 import model as m
+from conftest import edit_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,14 +24,6 @@ def assert_logits_match(ours, hf, ids: torch.Tensor) -> None:
         got = ours(ids)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() <= 1e-4
-
-
-def edit_json(path: str, edit) -> None:
-    """Rewrite the JSON file at path as edit(its content)."""
-    with open(path) as f:
-        edited = edit(json.load(f))
-    with open(path, "w") as f:
-        json.dump(edited, f)
 
 
 def test_logits_match_transformers(tiny):
