@@ -147,6 +147,44 @@ def test_bf16_autocast_training_sees_every_optimizer_step(tiny_llama):
     assert not torch.allclose(before, logits.detach().float())
 
 
+@pytest.mark.parametrize("lm_head_adapted", [False, True])
+def test_frozen_weights_in_bf16_train_exactly_as_autocast_does_and_come_back(tiny_llama, lm_head_adapted):
+    """Autocast would cast the frozen weights at every use; cast once, they must give the same numbers."""
+    path, _ = tiny_llama
+    net, _, _ = m.load(path)
+    lora.inject_lora(net, r=4, alpha=4, targets=lora.DEFAULT_TARGETS + (("lm_head",) if lm_head_adapted else ()))
+    perturb(net)
+    batch = [pd.Example([3], [4, 11], [5, 9], [6, 7, 2]), pd.Example([3], [12], [5, 6], [8, 2])]
+    guard = [pd.Example([], [5, 13, 14], [5, 13, 14], [6, 7, 2])]
+    settings = pd.Settings(precision="bf16")
+    parameters = dict(net.named_parameters())
+
+    def targets_and_step():
+        pd.compute_targets(net, batch + guard, settings)
+        net.zero_grad()
+        losses = pd.backward_step(net, batch, guard, settings)
+        return [e.target.clone() for e in batch + guard], losses, [p.grad.clone() for p in lora.lora_parameters(net)]
+
+    plain = targets_and_step()
+    with pd.frozen_weights_in_bf16(net, settings):
+        frozen = [mod.weight for mod in net.modules() if isinstance(mod, torch.nn.Linear) and not mod.weight.requires_grad]
+        assert len(frozen) == 2 * 7 + 1 and all(w.dtype == torch.bfloat16 for w in frozen)
+        assert net.model.embed_tokens.weight.dtype == torch.float32
+        assert all(p.dtype == torch.float32 for p in lora.lora_parameters(net))
+        cast = targets_and_step()
+    assert plain[1] == cast[1] and plain[1][0] > 0.01
+    for a, b in itertools.chain(zip(plain[0], cast[0]), zip(plain[2], cast[2])):
+        assert torch.equal(a, b)
+
+    with pytest.raises(KeyboardInterrupt), pd.frozen_weights_in_bf16(net, settings):
+        raise KeyboardInterrupt  # Ctrl-C in training: the float32 weights come back all the same
+    assert dict(net.named_parameters()) == parameters  # the same Parameters, not copies
+    head = net.lm_head.base_layer if lm_head_adapted else net.lm_head
+    assert head.weight is net.model.embed_tokens.weight  # tied again
+    with pd.frozen_weights_in_bf16(net, pd.Settings(precision="fp32")):  # no autocast: nothing to cast
+        assert dict(net.named_parameters()) == parameters
+
+
 # Questions and documents
 
 def test_generation_batches_are_even_and_their_kv_cache_fits_the_budget(tiny_llama, monkeypatch):
