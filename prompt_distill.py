@@ -1330,7 +1330,7 @@ def run(args, settings: Settings) -> int:
 def evaluate_adapter(args, settings: Settings) -> int:
     """--adapter DIR: answer --ask, or evaluate --eval with the adapter (no training)."""
     if not os.path.exists(os.path.join(args.adapter, lora.CONFIG_NAME)):
-        raise InputError(f"no adapter in {args.adapter} (adapter_config.json missing)")
+        raise InputError(f"no adapter in {args.adapter} ({lora.CONFIG_NAME} missing)")
     items = None if args.ask else read_eval_file(args.eval)  # bad input fails before the model loads
     document = read_document(args.doc) if args.doc else None
     net, tokenizer, chat = m.load(args.model, device=args.device, dtype=model_dtype(settings))
