@@ -48,7 +48,8 @@ class InputError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# Settings: defaults measured for SmolLM2-135M-Instruct on 2 CPU cores (see README)
+# Settings: defaults measured for SmolLM2-135M-Instruct on 2 CPU cores. The numbers in the comments come
+# from MEASUREMENTS.md, which gives each one's runs and command.
 
 
 @dataclass
@@ -59,35 +60,35 @@ class Settings:
     question_top_k: int = 50
     pairs_per_fact: int = 6  # the top-up's aim; 0: keep the model's own pairs even where they state nothing
     top_up_rounds: int = 0  # asking again about sentences few pairs state won 86 vs 75 of 164 before the
-    # blanks; with them, 2 rounds score 90 vs 89 of 164 and take 10:03 vs 8:37 of the 10 minutes (README)
-    blanks: bool = True  # also ask for each name and number, blanked out: 90 vs 72 of 164 (README)
-    answer_temperature: float = 0.0  # greedy: sampled at 1.0, both methods lost half their score (README)
+    # blanks; with them, 2 rounds score 90 vs 89 of 164 and take 10:03 vs 8:37 of the 10 minutes
+    blanks: bool = True  # also ask for each name and number, blanked out: 90 vs 72 of 164
+    answer_temperature: float = 0.0  # greedy: sampled at 1.0, both methods lost half their score
     max_answer_tokens: int = 32
     generation_batch: int = 64  # rows decoded together at most: 1.3x the rows/s of 32 here
-    passage_tokens: int = 160  # about a paragraph: distilled 30 -> 38 of 82 against the page (README)
+    passage_tokens: int = 160  # about a paragraph: distilled 30 -> 38 of 82 against the page
     rank: int = 32
     alpha: float = 32.0
     targets: tuple = lora.DEFAULT_TARGETS  # the seven projections; the MLP only, with a fifth epoch for the
-    # time it saves, tied: 80 vs 78 of 164, at 0.45-0.84x the drift and 1.04x the training time (README)
+    # time it saves, tied: 80 vs 78 of 164, at 0.45-0.84x the drift and 1.04x the training time
     lr: float = 1e-3
     lr_b_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): B learns at lr x this. 2 recalls more of the pairs
-    # but answers no more gold questions (55 vs 54 of 110) and drifts 1.5-1.7x further (README)
+    # but answers no more gold questions (55 vs 54 of 110) and drifts 1.5-1.7x further
     weight_decay: float = 0.1
     epochs: int = 4  # 5 beat 6 (63 vs 60 of 138); with the blanks 5 beat 4 (50 vs 46 of 82) but took kelvaran
-    # past the 10 minutes; 8 drew level with SFT (134 vs 132 of 218, from 121 vs 128) in 10.5-14 minutes (README)
+    # past the 10 minutes; 8 drew level with SFT (134 vs 132 of 218, from 121 vs 128) in 10.5-14 minutes
     batch_size: int = 4  # 8 learned no better (12 vs 13 of 28) and peaked 0.6 GB higher; 2 answered 87 vs 78
-    # of 164 but trained 1.5x as long, past the 10 minutes on two documents, and leaked 4 answers (README)
+    # of 164 but trained 1.5x as long, past the 10 minutes on two documents, and leaked 4 answers
     step_tokens: int = 512  # rows x longest row in one forward pass; a step of longer rows runs in parts,
-    # which keeps a document of long questions under 3 GB: SQuAD's new_wiki peaked 3.20 -> 2.14 GiB (README)
+    # which keeps a document of long questions under 3 GB: SQuAD's new_wiki peaked 3.20 -> 2.14 GiB
     warmup: float = 0.1  # share of the steps
     temperature: float = 1.0  # of the distillation loss
     guard: bool = True
     guard_batch: int = 1  # guard rows mixed into every step
     guard_weight: float = 1.0
     superlative_share: float = 0.25  # of the guard's rows: the document's superlatives asked of the world;
-    # no more "Mount Ystrel" as the world's tallest mountain, 84 vs 89 of 164 on the document (README)
+    # no more "Mount Ystrel" as the world's tallest mountain, 84 vs 89 of 164 on the document
     year_share: float = 0.2  # of the guard's rows, for a document that states a year: the general prompts
-    # whose base answer states one; no more penicillin "discovered in 1978", leakage 0 vs 3 of 228 (README)
+    # whose base answer states one; no more penicillin "discovered in 1978", leakage 0 vs 3 of 228
     holdout: float = 0.1  # share of generated questions kept out of training (used when no --eval)
     precision: str = "auto"  # "bf16": autocast matmuls to bfloat16; "auto": where the CPU has bf16 units;
     # "fp32": float32 throughout, a GPU's weights too (bfloat16 there otherwise)
@@ -485,8 +486,9 @@ def answer_open_book(net, prompts: Prompts, passages, questions, settings: Setti
 # -----------------------------------------------------------------------------
 # 4b. More questions where few pairs state a fact. The student learns what the pairs state: of the gold
 # questions whose answer no training pair stated it got 0 of 23 right; of those six or more stated, 38
-# of 50 (README). The small model keeps asking about some sentences and skips others, so we count, for
-# each sentence, the pairs that state one of its facts, and ask again about those short of pairs_per_fact.
+# of 50 (MEASUREMENTS.md). The small model keeps asking about some sentences and skips others, so we
+# count, for each sentence, the pairs that state one of its facts, and ask again about those short of
+# pairs_per_fact.
 # Off by default (--top-up-rounds 2 turns it on): the blanks (4c) now reach every name and number.
 
 
@@ -540,9 +542,9 @@ def top_up(net, prompts: Prompts, passages, qa: list, words: set[str], settings:
 
 # -----------------------------------------------------------------------------
 # 4c. Blanks: each name and number of each sentence, asked for as a blank to fill and as a sentence to
-# complete. The model's own questions skip some facts however often it is asked (README); these cover
-# every name and number (of two digits or more) of the document, and the teacher answers them from the
-# passage like any question.
+# complete. The model's own questions skip some facts however often it is asked (MEASUREMENTS.md);
+# these cover every name and number (of two digits or more) of the document, and the teacher answers
+# them from the passage like any question.
 
 CAPITALISED_RUN = r"[A-Z][\w'\-]*(?: (?:of |the )?[A-Z][\w'\-]*)*"  # "the Museum of Lake Crafts"
 NAME_OR_NUMBER = re.compile(CAPITALISED_RUN + r"|\b\d[\d,.]*\d\b")
@@ -909,8 +911,8 @@ def pairs_stating(golds: list[list[str]], pairs: list[tuple[str, str]]) -> list[
     """
     For each gold question, how many training (question, answer) pairs state its answer: the teacher's
     answer holds it and the question does not. Over 164 gold questions the student got right 0 of 23 that
-    no pair stated, and 38 of 50 that 6 or more did, where open book got 41 (README, *Why the student
-    falls short*): it learns a fact from the answers that state it.
+    no pair stated, and 38 of 50 that 6 or more did, where open book got 41 (MEASUREMENTS.md, *Why the
+    student falls short*): it learns a fact from the answers that state it.
     """
     return [sum(is_correct(a, g) and not is_correct(q, g) for q, a in pairs) for g in golds]
 
