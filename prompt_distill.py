@@ -77,7 +77,7 @@ class Settings:
     epochs: int = 4  # 5 beat 6 (63 vs 60 of 138); with the blanks 5 beat 4 (50 vs 46 of 82) but took kelvaran
     # past the 10 minutes; 8 drew level with SFT (134 vs 132 of 218, from 121 vs 128) in 10.5-14 minutes
     batch_size: int = 4  # 8 learned no better (12 vs 13 of 28) and peaked 0.6 GB higher; 2 answered 87 vs 78
-    # of 164 but trained 1.5x as long, past the 10 minutes on two documents, and leaked 4 answers
+    # of 164 (SFT at 2: 92) but trained 1.5x as long, past the 10 minutes on two documents, leaked 4 answers
     step_tokens: int = 512  # rows x longest row in one forward pass; a step of longer rows runs in parts,
     # which keeps a document of long questions under 3 GB: SQuAD's new_wiki peaked 3.20 -> 2.14 GiB
     warmup: float = 0.1  # share of the steps
