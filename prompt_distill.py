@@ -939,12 +939,17 @@ def best_passage(passages: list[str], question: str) -> int:
     return max(range(len(passages)), key=lambda i: len(words & word_set(passages[i])))
 
 
-def ask_closed_book(net, prompts: Prompts, questions: list[str], settings: Settings, stage: str) -> list[str]:
+def closed_book_answers(net, prompts: Prompts, questions: list[str], settings: Settings, stage: str):
+    """The greedy answers' token ids, each question alone in the prompt."""
     progress = Progress(stage, len(questions), " questions")
     outs = generate_batched(net, [prompts.closed_book(q) for q in questions], settings.max_answer_tokens,
                             prompts.chat.stop_ids, settings.generation_batch, progress)
     progress.close()
-    return [prompts.decode(o) for o in outs]
+    return outs
+
+
+def ask_closed_book(net, prompts: Prompts, questions: list[str], settings: Settings, stage: str) -> list[str]:
+    return [prompts.decode(o) for o in closed_book_answers(net, prompts, questions, settings, stage)]
 
 
 def ask_open_book(net, prompts: Prompts, passages, questions: list[str], settings: Settings) -> list[str]:
@@ -1106,20 +1111,34 @@ def year_rows(general: list[Example], document: str, decode) -> list[Example]:
 
 
 # The base model answers some general questions on a near tie: "How many months are there in a year?"
-# starts "There" (0.26) or "A" (0.23), and only "There are 12 months" is right. A guarded adapter still
-# drifts about 0.03 nats at the first answer token, enough to tip such a question either way, so a question
-# lost there says little about the adapter; one the base was sure of says a lot. The report tells which.
+# starts "There" (0.26) or "A" (0.23), and only "There are 12 months" is right. Or later: "Egypt is located in
+# the" is sure, then "Eastern" (0.190) beats "Western" (0.185), and only the first path reaches "North
+# Africa"; after an adapter, "the Western Hemisphere". A guarded adapter still drifts about 0.03 nats a token, enough to tip
+# such a question either way, so a question lost there says little about the adapter; one the base was sure
+# of all the way to its answer says a lot. The report tells which.
 NEAR_TIE = 0.1
 
 
-def first_token_margins(net, prompts: Prompts, questions: list[str]) -> list[float]:
-    """For each question: the probability of the adapter-free model's likeliest first answer token minus the
-    second likeliest."""
-    with torch.no_grad(), lora.lora_disabled(net):
-        ids = [prompts.closed_book(q) for q in questions]
-        probs = answer_logits(net, ids, [[0]] * len(ids)).float().softmax(-1)  # the token after each prompt
-    top = probs.topk(2, dim=-1).values
-    return (top[:, 0] - top[:, 1]).tolist()
+@torch.no_grad()
+def answer_margins(net, prompts: Prompts, general_qa: list[dict], answers: list[list[int]]) -> list[float]:
+    """
+    For each question, along the adapter-free model's own greedy answer (token ids): the smallest margin,
+    the likeliest token's probability minus the second's, over the tokens up to the one that completes
+    the gold answer (all of them if none does).
+    """
+    answers = [a or [0] for a in answers]  # an empty answer: the margin of its first token
+    margins = []
+    with lora.lora_disabled(net):
+        for i in range(0, len(answers), 8):  # 8 answers' full-vocabulary probabilities at a time: 50 MB
+            chunk = slice(i, i + 8)
+            ids = [prompts.closed_book(x["question"]) for x in general_qa[chunk]]
+            top = answer_logits(net, ids, answers[chunk]).float().softmax(-1).topk(2, dim=-1).values
+            margins += (top[:, 0] - top[:, 1]).split([len(a) for a in answers[chunk]])
+    smallest = []
+    for x, answer, margin in zip(general_qa, answers, margins):
+        stated = (n for n in range(1, len(answer) + 1) if is_correct(prompts.decode(answer[:n]), x["answers"]))
+        smallest.append(margin[: next(stated, len(answer))].min().item())
+    return smallest
 
 
 def forgetting_report(net, prompts: Prompts, document: str, general_qa, drift_prompts, base_answers,
@@ -1140,7 +1159,7 @@ def forgetting_report(net, prompts: Prompts, document: str, general_qa, drift_pr
         report["retention_lost"] += lost
         report["retention_lost_on_near_ties"] += lost and margin < NEAR_TIE
         answers.append({"question": x["question"], "answers": x["answers"], "base": before, "adapted": now,
-                        "leaked": leaked, "base_first_token_margin": round(margin, 4)})
+                        "leaked": leaked, "base_margin": round(margin, 4)})
     report["drift"] = drift(net, [(prompts.closed_book(p), a) for p, a in zip(drift_prompts, base_answers["drift"])])
     report["general_answers"] = answers
     return report
@@ -1230,8 +1249,9 @@ def run(args, settings: Settings) -> int:
     # What the base model says before training: general questions, the guard's and drift's prompts
     start = time.time()
     general_questions = [x["question"] for x in general_qa]
-    base = {"general_qa": ask_closed_book(net, prompts, general_questions, settings, "general"),
-            "margins": first_token_margins(net, prompts, general_questions)}
+    general_answers = closed_book_answers(net, prompts, general_questions, settings, "general")
+    base = {"general_qa": [prompts.decode(a) for a in general_answers],
+            "margins": answer_margins(net, prompts, general_qa, general_answers)}
     superlatives = superlative_prompts(document) if settings.guard and settings.superlative_share else []
     guard_ids = [prompts.closed_book(p) for p in guard_prompts + superlatives] if settings.guard else []
     drift_ids = [prompts.closed_book(p) for p in drift_prompts]

@@ -433,19 +433,25 @@ def test_guard_targets_come_from_the_base_model_so_a_fresh_adapter_has_zero_guar
     assert on_guard.item() > 1e-4  # a changed adapter is pulled back
 
 
-def test_first_token_margins_are_the_base_models_at_the_first_answer_position(tiny_llama):
+def test_answer_margins_are_the_base_models_smallest_until_the_answer_states_the_gold(tiny_llama):
     path, _ = tiny_llama
     net, tokenizer, chat = m.load(path)
     lora.inject_lora(net, r=4, alpha=4)
     perturb(net)  # an adapter that changes the logits, which the margins must not see
     prompts = pd.Prompts(tokenizer, chat)
-    questions = ["Who wrote Hamlet?", "How many legs does a spider have today?"]
-    margins = pd.first_token_margins(net, prompts, questions)
-    for question, margin in zip(questions, margins):
-        with torch.no_grad(), lora.lora_disabled(net):
-            probs = net(torch.tensor([prompts.closed_book(question)]))[0, -1].softmax(-1)
-        first, second = probs.topk(2).values.tolist()
-        assert margin == pytest.approx(first - second, abs=1e-5)
+    answer = prompts.encode("a year is 9")
+    # the gold stated by the second token, by the third, and never: the margins of 2, 3 and all 4 tokens
+    general_qa = [{"question": "how many year ?", "answers": [gold]} for gold in ("year", "is", "bridge")]
+    margins = pd.answer_margins(net, prompts, general_qa, [answer] * 3)
+    prompt = prompts.closed_book(general_qa[0]["question"])
+    with torch.no_grad(), lora.lora_disabled(net):
+        probs = net(torch.tensor([prompt + answer]))[0, len(prompt) - 1: -1].softmax(-1)
+    top = probs.topk(2, dim=-1).values
+    each = (top[:, 0] - top[:, 1]).tolist()
+    for margin, stated in zip(margins, (2, 3, len(answer))):
+        assert margin == pytest.approx(min(each[:stated]), abs=1e-5)
+    assert each[2] < min(each[:2])  # this random model's margins tell a cut one token off, or none, apart
+    assert pd.answer_margins(net, prompts, general_qa[:1], [[]]) == pytest.approx(each[:1], abs=1e-5)
 
 
 def test_guard_rows_in_the_same_pass_do_not_change_the_document_loss(tiny_llama):
@@ -703,7 +709,7 @@ def test_end_to_end_on_a_tiny_model_writes_adapter_qa_and_report(tiny_run, tiny_
     forgetting = {"retention_base", "retention_adapted", "leakage_base", "leakage_adapted", "drift",
                   "retention_lost", "retention_lost_on_near_ties"}
     assert forgetting <= set(report["forgetting"])
-    assert all(0 <= a["base_first_token_margin"] <= 1 for a in report["general_answers"])
+    assert all(0 <= a["base_margin"] <= 1 for a in report["general_answers"])
     assert set(report["peak_memory_gb"]) == set(report["seconds"])
     assert (report["peak_gpu_memory_gb"] is None) == (not torch.cuda.is_available())  # the run's device: the default
     assert len(report["eval"]) == sum(1 for _ in open(QA))
