@@ -1111,11 +1111,11 @@ def year_rows(general: list[Example], document: str, decode) -> list[Example]:
 
 
 # The base model answers some general questions on a near tie: "How many months are there in a year?"
-# starts "There" (0.26) or "A" (0.23), and only "There are 12 months" is right. Or later: "Egypt is located in
-# the" is sure, then "Eastern" (0.190) beats "Western" (0.185), and only the first path reaches "North
-# Africa"; after an adapter, "the Western Hemisphere". A guarded adapter still drifts about 0.03 nats a token, enough to tip
-# such a question either way, so a question lost there says little about the adapter; one the base was sure
-# of all the way to its answer says a lot. The report tells which.
+# starts "There" (0.26) or "A" (0.23), and only "There are 12 months" is right. Or later on: after a sure
+# "Egypt is located in the", "Eastern" (0.190) beats "Western" (0.185), and only that path reaches "North
+# Africa" (an adapter's answer: "the Western Hemisphere"). A guarded adapter still drifts about 0.03 nats
+# a token, enough to tip such a question either way, so a question lost there says little about the
+# adapter; one the base was sure of all the way to its answer says a lot. The report tells which.
 NEAR_TIE = 0.1
 
 
