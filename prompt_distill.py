@@ -92,7 +92,7 @@ class Settings:
     holdout: float = 0.1  # share of generated questions kept out of training (used when no --eval)
     precision: str = "auto"  # "bf16": autocast matmuls to bfloat16; "auto": where the CPU has bf16 units;
     # "fp32": float32 throughout, a GPU's weights too (bfloat16 there otherwise). On a long document fp32
-    # peaks lower: six pages 2.63 GiB against autocast's 3.72, for about 1.25x the training time
+    # peaks lower: six pages 2.63 GiB against autocast's 3.08, for about 1.25x the training time
     seed: int = 0
 
 
@@ -183,6 +183,22 @@ def precision(net, settings: Settings):
     """
     device = net.model.embed_tokens.weight.device.type
     return torch.autocast(device, dtype=torch.bfloat16, enabled=uses_autocast(net, settings), cache_enabled=False)
+
+
+# oneDNN, which runs a CPU's bfloat16 matmuls, keeps what it builds for each new matrix shape (about a
+# megabyte) in two caches of 1,024 entries: its own and PyTorch's ideep layer's. Padding (SHAPE_MULTIPLE)
+# keeps the student's shapes few, but the teacher meets every passage's length, so the caches grew with
+# the document: 400 pairs of a six-page one left 1.56 GiB behind under autocast, 1.00 in float32. Both
+# capped at 64, they left 1.23 and the run peaked at 2.08 GiB, not 2.46, in the same time (at 16 a step
+# rebuilt its own kernels, 1.3x slower). MKL's float32 matmuls and GPUs use neither cache.
+KERNEL_CACHE_CAPACITY = 64
+
+
+def limit_kernel_caches() -> None:
+    """oneDNN and ideep read these at their first bfloat16 matmul, so main sets them before any work.
+    A user's own setting wins."""
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(name, str(KERNEL_CACHE_CAPACITY))
 
 
 @contextlib.contextmanager
@@ -1409,6 +1425,7 @@ def main() -> int:
         parser.add_argument(flag(name), type=type(default), default=default, help=f"default: {default}",
                             metavar="N" if isinstance(default, int) else "X")
     args = parser.parse_args()
+    limit_kernel_caches()
     settings = Settings(**{k: getattr(args, k) for k in asdict(defaults) if hasattr(args, k)})
     settings.targets = tuple(settings.targets)
     try:

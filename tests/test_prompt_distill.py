@@ -186,6 +186,14 @@ def test_frozen_weights_in_bf16_train_exactly_as_autocast_does_and_come_back(tin
         assert unchanged()
 
 
+def test_the_kernel_caches_are_capped_unless_the_user_set_their_size(monkeypatch):
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "512")
+    pd.limit_kernel_caches()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(pd.KERNEL_CACHE_CAPACITY)
+    assert os.environ["LRU_CACHE_CAPACITY"] == "512"
+
+
 # Questions and documents
 
 def test_generation_batches_are_even_and_their_kv_cache_fits_the_budget(tiny_llama, monkeypatch):
