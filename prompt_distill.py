@@ -188,9 +188,9 @@ def precision(net, settings: Settings):
 # oneDNN, which runs a CPU's bfloat16 matmuls, keeps what it builds for each new matrix shape (about a
 # megabyte) in two caches of 1,024 entries: its own and PyTorch's ideep layer's. Padding (SHAPE_MULTIPLE)
 # keeps the student's shapes few, but the teacher meets every passage's length, so the caches grew with
-# the document: 400 pairs of a six-page one left 1.56 GiB behind under autocast, 1.00 in float32. Both
-# capped at 64, they left 1.23 and the run peaked at 2.08 GiB, not 2.46, in the same time (at 16 a step
-# rebuilt its own kernels, 1.3x slower). MKL's float32 matmuls and GPUs use neither cache.
+# the document. Both capped at 64, six pages peaked at 3.08 GiB, not 3.72, and the README run at 2.14, not
+# 2.24, in the same time and with the same adapter (at 16 a step rebuilt its own kernels, 1.3x slower).
+# MKL's float32 matmuls and GPUs use neither cache.
 KERNEL_CACHE_CAPACITY = 64
 
 
