@@ -611,10 +611,10 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
 
 
-# On a CPU, bf16 matmuls run in oneDNN, which compiles and keeps a kernel for each new shape: with every
-# batch a new shape its cache grew RSS by 17 MB a step. There, training pads every matrix to a multiple of
-# this many rows, so the cache stays small and nothing is recompiled. float32 matmuls (MKL) compile
-# nothing, and the padding would only cost time: 8% of a step here.
+# On a CPU, bf16 matmuls run in oneDNN, which builds a kernel for each new shape (limit_kernel_caches):
+# with every batch a new shape, RSS grew by 17 MB a step. There, training pads every matrix to a multiple
+# of this many rows, so few kernels are built and, under the caches' cap, few rebuilt. float32 matmuls
+# (MKL) build nothing, and the padding would only cost time: 8% of a step here.
 SHAPE_MULTIPLE = 16
 
 
