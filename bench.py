@@ -135,8 +135,8 @@ def main() -> None:
     if args.impl:
         return worker(args)
 
-    import model as m
-    args.model = args.model or m.default_model_dir()
+    import gguf_model
+    args.model = args.model or gguf_model.default_model_dir()
     device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     print(f"model {args.model}, device {device}, torch {torch.__version__}"
           f"{', bf16 autocast' if args.bf16_autocast else ''}")

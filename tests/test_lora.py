@@ -77,6 +77,14 @@ def test_adapter_trains_in_float32_on_a_bf16_base():
     assert layer.lora_A.weight.grad.dtype == torch.float32
 
 
+def test_a_layer_injected_into_an_eval_model_is_in_eval_mode_so_dropout_is_off():
+    model, x = tiny_mlp().eval(), torch.randn(4, 16)
+    inject_lora(model, r=4, alpha=8, dropout=0.5, targets=("0", "2"))
+    randomize_adapters(model)
+    assert not any(m.training for m in model.modules())
+    assert torch.equal(model(x), model(x))
+
+
 def test_merged_layer_matches_unmerged_output():
     model, x = tiny_mlp(), torch.randn(4, 16)
     inject_lora(model, r=4, alpha=8, targets=("0", "2"))
@@ -164,6 +172,24 @@ def test_load_adapter_refuses_an_adapter_whose_keys_do_not_match(llama_dir, tmp_
         load_adapter(other, str(tmp_path))
 
 
+def test_a_key_mismatch_names_the_first_few_keys_and_the_counts_in_one_short_line(tmp_path):
+    def tiny(config_cls, model_cls, **kw):
+        torch.manual_seed(0)
+        return getattr(transformers, model_cls)(getattr(transformers, config_cls)(
+            vocab_size=32, hidden_size=16, num_attention_heads=2, max_position_embeddings=16, **kw))
+    opt = tiny("OPTConfig", "OPTForCausalLM", ffn_dim=32, num_hidden_layers=2, word_embed_proj_dim=16)
+    inject_lora(opt, r=4, alpha=8, targets=("q_proj", "v_proj"))
+    save_adapter(opt, str(tmp_path))
+    deep_llama = tiny("LlamaConfig", "LlamaForCausalLM", intermediate_size=32, num_hidden_layers=24)
+    with pytest.raises(ValueError) as caught:
+        load_adapter(deep_llama, str(tmp_path))
+    message = str(caught.value)
+    assert message.startswith("load_adapter: adapter keys do not match the model: "
+                              "96 missing (model.layers.0.self_attn.q_proj.lora_A.weight, "), message
+    assert "8 unexpected (model.decoder.layers.0.self_attn.q_proj.lora_A.weight, " in message, message
+    assert len(message) < 500 and "\n" not in message, message
+
+
 def test_inject_lora_without_a_matching_target_raises_naming_the_targets():
     with pytest.raises(ValueError, match="no_such_proj"):
         inject_lora(tiny_mlp(), r=4, alpha=8, targets=("no_such_proj",))
@@ -233,6 +259,32 @@ def test_a_broken_adapter_folder_raises_a_value_error_naming_the_problem(llama_d
     break_it(str(tmp_path))
     with pytest.raises(ValueError, match=words):
         load_adapter(load_llama(llama_dir), str(tmp_path))
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("r", "32", "r must be an integer >= 1, not '32'"),
+    ("r", 0, "r must be an integer >= 1"),
+    ("r", True, "r must be an integer >= 1"),
+    ("r", 4.0, "r must be an integer >= 1"),
+    ("lora_alpha", None, "lora_alpha must be a positive number, not None"),
+    ("lora_alpha", True, "lora_alpha must be a positive number"),
+    ("lora_alpha", -8, "lora_alpha must be a positive number"),
+    ("target_modules", "q_proj", "target_modules must be a list of module names, not a regex"),
+    ("target_modules", ["q_proj", 3], "target_modules must be a list of module names"),
+    ("lora_dropout", "x", r"lora_dropout must be a number in \[0, 1\), not 'x'"),
+    ("lora_dropout", 1.0, r"lora_dropout must be a number in \[0, 1\)"),
+])
+def test_a_wrongly_typed_config_field_is_refused_by_name_before_the_model_is_touched(
+        llama_dir, tmp_path, field, value, words):
+    model = load_llama(llama_dir)
+    inject_lora(model, r=4, alpha=8, targets=("q_proj",))
+    save_adapter(model, str(tmp_path))
+    edit_json(str(tmp_path / "adapter_config.json"), lambda config: {**config, field: value})
+    target = load_llama(llama_dir)
+    with pytest.raises(ValueError, match=words) as caught:
+        load_adapter(target, str(tmp_path))
+    assert "\n" not in str(caught.value)
+    assert not [m for m in target.modules() if isinstance(m, LoRALinear)]
 
 
 def test_an_adapter_that_fails_to_load_leaves_the_model_as_it_was(llama_dir, tmp_path):

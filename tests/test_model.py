@@ -288,6 +288,14 @@ def test_an_unsupported_or_misfitting_config_is_one_line(tiny_llama, edit, words
     assert_one_line_error(run_demo(path), words)
 
 
+@pytest.mark.parametrize("content", ["not json", "{}"])
+def test_a_malformed_tokenizer_json_is_one_line(tiny_llama, content):
+    path, _ = tiny_llama
+    with open(os.path.join(path, "tokenizer.json"), "w") as f:
+        f.write(content)
+    assert_one_line_error(run_demo(path), f"cannot read tokenizer.json in {path}: ")
+
+
 def test_a_chat_template_that_does_not_compile_is_one_line(tiny_llama):
     path, _ = tiny_llama
     edit_json(os.path.join(path, "tokenizer_config.json"),

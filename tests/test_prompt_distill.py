@@ -1,14 +1,11 @@
-"""The pipeline's pieces: the loss, token alignment, parsing, the forgetting measures, bad input."""
+"""prompt_distill.py, one behaviour a test: the loss, the token alignment, the questions and blanks,
+training, scoring, the forgetting measures, bad input, and the pipeline end to end."""
 
-import itertools
 import json
 import math
 import os
-import random
-import re
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -21,6 +18,7 @@ import prompt_distill as pd
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "data", "lake_town.txt")
 QA = os.path.join(ROOT, "data", "lake_town.qa.jsonl")
+FP32 = pd.Settings(precision="fp32")
 
 
 # The loss
@@ -57,22 +55,20 @@ def test_gradient_points_the_student_towards_the_teacher(T):
     assert pd.distillation_loss(stepped, teacher, T) < pd.distillation_loss(student.detach(), teacher, T)
 
 
-# Token alignment between teacher and student
+# The prompts and the token alignment between teacher and student
 
 def test_teacher_and_student_are_scored_on_exactly_the_answer_tokens(tiny_llama):
-    path, _ = tiny_llama
-    _, tokenizer, chat = m.load(path)
+    _, tokenizer, chat = m.load(tiny_llama[0])
     prompts = pd.Prompts(tokenizer, chat)
     passage, question = "the town of lake was founded in 1 by the mayor", "who was the mayor ?"
     answer = prompts.encode("the mayor was a") + [chat.stop_ids[0]]
-    prefix, suffix = prompts.open_book(passage, question)
-    student = prompts.closed_book(question)
+    prefix, suffix = prompts.teacher(passage, question)
+    student = prompts.student(question)
     assert prompts.encode(passage) == prefix[-len(prompts.encode(passage)):]  # the teacher sees the passage
     assert not set(prompts.encode("founded 1")) & set(student + suffix)  # the student and the suffix do not
 
-    for (prefix_len, prompt), multiple in itertools.product(((len(prefix), suffix), (0, student)), (1, 16)):
-        ids, mask, select = pd.pack([prompt, prompt[:3]], [answer, answer[:2]], prefix_len, multiple)
-        assert ids.shape[1] % multiple == 0 and ids.shape[1] - (len(prompt) + len(answer)) < multiple
+    for prefix_len, prompt in ((len(prefix), suffix), (0, student)):
+        ids, mask, select = pd.pack([prompt, prompt[:3]], [answer, answer[:2]], prefix_len)
         predicted = ids.roll(-1, dims=1)[select]  # the token each selected position predicts
         assert predicted.tolist() == answer + answer[:2]
         assert mask.sum().item() == 2 * prefix_len + len(prompt) + len(answer) + 3 + 2
@@ -82,33 +78,29 @@ def test_prefix_and_suffix_make_the_whole_prompt(default_model):
     _, tokenizer, chat = default_model
     prompts = pd.Prompts(tokenizer, chat)
     passage = "Velmora was founded in 1847.\nIts mayor is Harriet Quell."
-    prefix, suffix = prompts.with_passage(passage, pd.ANSWER_INSTRUCTION.format(q="Who is the mayor of Velmora?"))
+    prefix, suffix = prompts.teacher(passage, "Who is the mayor of Velmora?")
     whole = chat.render([{"role": "user", "content": passage + "\n\n" +
-                          pd.ANSWER_INSTRUCTION.format(q="Who is the mayor of Velmora?")}])
-    assert prefix + suffix == prompts.encode(whole)  # the split falls on a token boundary
+                          pd.ANSWER_PROMPT.format(question="Who is the mayor of Velmora?")}])
+    assert prefix + suffix == prompts.encode(whole)  # the cut falls on a token boundary
 
 
-def test_answer_logits_with_a_shared_prefix_equal_the_full_forward(tiny_llama):
-    path, _ = tiny_llama
-    net, _, _ = m.load(path)
+def test_answer_states_with_a_shared_prefix_equal_the_full_forward(tiny_llama):
+    net, _, _ = m.load(tiny_llama[0])
     prefix, prompts, answers = [5, 6, 7, 8], [[9, 10], [11, 12, 13]], [[14, 15, 2], [16, 2]]
-    shared = pd.answer_logits(net, prompts, answers, m.prefill(net, prefix))
-    full = pd.answer_logits(net, [prefix + p for p in prompts], answers)
-    assert torch.allclose(shared, full, atol=1e-5)
+    shared = pd.answer_hidden(net, prompts, answers, prefix)
+    full = pd.answer_hidden(net, [prefix + p for p in prompts], answers)
+    assert shared.shape == (5, net.config.hidden_size) and torch.allclose(shared, full, atol=1e-5)
 
 
 def test_the_shared_start_of_the_student_prompts_changes_no_loss_and_no_gradient(tiny_llama):
     """batch_loss runs what every student prompt starts with once, as a prefix: gradients flow through it."""
-    path, _ = tiny_llama
-    net, _, _ = m.load(path)
+    net, _, _ = m.load(tiny_llama[0])
     lora.inject_lora(net, r=4, alpha=4)
-    torch.manual_seed(0)
-    for p in lora.lora_parameters(net):  # a trained adapter: the prefix's keys and values depend on it
-        p.data.normal_(0, 0.2)
+    perturb(net)  # a trained adapter: the prefix's keys and values depend on it
     batch = [pd.Example([3], [4, 5], [5, 6, 7, 9, 10], [14, 15, 2]), pd.Example([3], [8], [5, 6, 7, 11], [16, 2])]
     guard = [pd.Example([], [5, 6, 12], [5, 6, 12], [17, 2])]
     assert pd.common_start([e.student for e in batch + guard]) == [5, 6]
-    pd.compute_targets(net, batch + guard, pd.Settings())
+    pd.compute_targets(net, batch + guard, FP32)
 
     def loss_and_gradients(loss_fn):
         net.zero_grad()
@@ -117,11 +109,11 @@ def test_the_shared_start_of_the_student_prompts_changes_no_loss_and_no_gradient
         return loss.item(), on_guard.item(), [p.grad.clone() for p in lora.lora_parameters(net)]
 
     def without_a_prefix():
-        student = pd.answer_logits(net, [e.student for e in batch + guard], [e.answer for e in batch + guard])
-        return (pd.distillation_loss(student[:5], pd.target_logits(net, batch), 1.0),
-                pd.distillation_loss(student[5:], pd.target_logits(net, guard), 1.0))
+        student = net.lm_head(pd.answer_hidden(net, [e.student for e in batch + guard], [e.answer for e in batch + guard]))
+        return (pd.distillation_loss(student[:5], pd.teacher_logits(net, batch), 1.0),
+                pd.distillation_loss(student[5:], pd.teacher_logits(net, guard), 1.0))
 
-    shared = loss_and_gradients(lambda: pd.batch_loss(net, batch, guard, pd.Settings()))
+    shared = loss_and_gradients(lambda: pd.batch_loss(net, batch, guard, FP32))
     full = loss_and_gradients(without_a_prefix)
     assert shared[0] == pytest.approx(full[0], rel=1e-4) and shared[1] == pytest.approx(full[1], rel=1e-4)
     assert full[0] > 0.01 and all(g.abs().sum() > 0 for g in full[2])
@@ -129,119 +121,21 @@ def test_the_shared_start_of_the_student_prompts_changes_no_loss_and_no_gradient
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_bf16_autocast_training_sees_every_optimizer_step(tiny_llama):
-    """Autocast may keep its bf16 copy of a trainable weight for the whole block; the LoRA must not go stale."""
-    path, _ = tiny_llama
-    net, _, _ = m.load(path)
-    lora.inject_lora(net, r=4, alpha=4)
-    optimizer = torch.optim.SGD(lora.lora_parameters(net), lr=1.0)
-    ids = torch.tensor([[3, 4, 5, 6]])
-    with pd.precision(net, pd.Settings(precision="bf16")):
-        for step in range(2):
-            logits = net(ids)
-            assert logits.dtype == torch.bfloat16  # autocast is on
-            if step == 0:
-                before = logits.detach().float()
-                logits.float().pow(2).mean().backward()
-                optimizer.step()
-    assert not torch.allclose(before, logits.detach().float())
-
-
-@pytest.mark.parametrize("lm_head_adapted", [False, True])
-def test_frozen_weights_in_bf16_train_exactly_as_autocast_does_and_come_back(tiny_llama, lm_head_adapted):
-    """Autocast would cast the frozen weights at every use; cast once, they must give the same numbers."""
-    path, _ = tiny_llama
-    net, _, _ = m.load(path)
-    lora.inject_lora(net, r=4, alpha=4, targets=lora.DEFAULT_TARGETS + (("lm_head",) if lm_head_adapted else ()))
-    perturb(net)
-    batch = [pd.Example([3], [4, 11], [5, 9], [6, 7, 2]), pd.Example([3], [12], [5, 6], [8, 2])]
-    guard = [pd.Example([], [5, 13, 14], [5, 13, 14], [6, 7, 2])]
-    settings = pd.Settings(precision="bf16")
-    parameters = dict(net.named_parameters())
-    unchanged = lambda: {n: id(p) for n, p in net.named_parameters()} == {n: id(p) for n, p in parameters.items()}
-
-    def targets_and_step():
-        pd.compute_targets(net, batch + guard, settings)
-        net.zero_grad()
-        losses = pd.backward_step(net, batch, guard, settings)
-        return [e.target.clone() for e in batch + guard], losses, [p.grad.clone() for p in lora.lora_parameters(net)]
-
-    plain = targets_and_step()
-    with pd.frozen_weights_in_bf16(net, settings):
-        frozen = [mod.weight for mod in net.modules() if isinstance(mod, torch.nn.Linear) and not mod.weight.requires_grad]
-        assert len(frozen) == 2 * 7 + 1 and all(w.dtype == torch.bfloat16 for w in frozen)
-        assert net.model.embed_tokens.weight.dtype == torch.float32
-        assert all(p.dtype == torch.float32 for p in lora.lora_parameters(net))
-        cast = targets_and_step()
-    assert plain[1] == cast[1] and plain[1][0] > 0.01
-    for a, b in itertools.chain(zip(plain[0], cast[0]), zip(plain[2], cast[2])):
-        assert torch.equal(a, b)
-
-    with pytest.raises(KeyboardInterrupt), pd.frozen_weights_in_bf16(net, settings):
-        raise KeyboardInterrupt  # Ctrl-C in training: the float32 weights come back all the same
-    assert unchanged()  # the same Parameters, not copies
-    head = net.lm_head.base_layer if lm_head_adapted else net.lm_head
-    assert head.weight is net.model.embed_tokens.weight  # tied again
-    with pd.frozen_weights_in_bf16(net, pd.Settings(precision="fp32")):  # no autocast: nothing to cast
-        assert unchanged()
-
-
-def test_the_kernel_caches_are_capped_unless_the_user_set_their_size(monkeypatch):
-    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
-    monkeypatch.setenv("LRU_CACHE_CAPACITY", "512")
-    pd.limit_kernel_caches()
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(pd.KERNEL_CACHE_CAPACITY)
-    assert os.environ["LRU_CACHE_CAPACITY"] == "512"
-
-
-# Questions and documents
-
-def test_generation_batches_are_even_and_their_kv_cache_fits_the_budget(tiny_llama, monkeypatch):
-    path, _ = tiny_llama
-    net, _, _ = m.load(path)
-    prompts = [[5 + i % 7, 6, 7 + i % 3] for i in range(77)]
-    one_by_one = [m.generate(net, [p], 4, ())[0] for p in prompts]
-    sizes, generate = [], m.generate
-
-    def counted(net, rows, *args, **kwargs):
-        sizes.append(len(rows))
-        return generate(net, rows, *args, **kwargs)
-
-    monkeypatch.setattr(m, "generate", counted)
-    assert pd.generate_batched(net, prompts, 4, (), 32) == one_by_one  # greedy rows do not depend on their batch
-    assert sizes == [25, 26, 26]
-    one_token = m.KVCache(net.config, 1, 1, "cpu", torch.float32)  # measured, not the formula again
-    bytes_per_token = sum(t.numel() * t.element_size() for t in one_token.k + one_token.v)
-    sizes.clear()
-    monkeypatch.setattr(pd, "GENERATION_KV_BYTES", 10 * (100 + 3 + 4) * bytes_per_token)  # 10 rows of this prefix
-    pd.generate_batched(net, prompts, 4, (), 32, prefix=[5 + i % 20 for i in range(100)])
-    assert max(sizes) <= 10 and sum(sizes) == 77 and max(sizes) - min(sizes) <= 1
-    assert pd.generate_batched(net, [], 4, (), 32) == []
-
-
-def test_parse_questions_strips_numbering_and_drops_non_questions():
-    text = ("1. Who founded the town of Velmora?\n2) In what year was the Velmora bridge built?\n"
-            "Here are some questions:\n- What does the text say about the mayor?\nWhy?\n"
-            "* How many people live in Velmora?")
-    assert pd.parse_questions(text) == ["Who founded the town of Velmora?",
-                                        "In what year was the Velmora bridge built?",
-                                        "How many people live in Velmora?"]
-
-
-def test_near_duplicates_are_recognised():
-    a = pd.word_set("Who founded the town of Velmora?")
-    b = pd.word_set("Who founded the town of Velmora")
-    c = pd.word_set("When was the Velmora bridge built?")
-    assert pd.near_duplicate(a, b) and not pd.near_duplicate(a, c)
-
+# Passages, questions, blanks, and the pairs that teach
 
 def test_long_document_is_split_into_passages_that_fit():
     paragraph = " ".join(f"Sentence {i} says the mill turned {i} times." for i in range(40))
-    text = "\n\n".join([paragraph] * 30)  # about 50 pages' worth of words would take long; this is 12k words
+    text = "\n\n".join([paragraph] * 30)
     count = lambda s: len(s.split())
     passages = pd.split_passages(text, count, 200)
-    assert all(count(p) <= 200 for p in passages)
+    assert all(count(p) <= 200 for p in passages) and len(passages) < 70  # packed, not a sentence each
     assert " ".join(" ".join(passages).split()) == " ".join(text.split())  # nothing lost, nothing repeated
+
+
+def test_paragraphs_that_fit_together_make_one_passage():
+    text = "First paragraph here.\n\nSecond one.\n\nA third paragraph that is rather long " + "word " * 20
+    passages = pd.split_passages(text.strip(), lambda s: len(s.split()), 10)
+    assert passages[0] == "First paragraph here.\n\nSecond one."
 
 
 def test_one_huge_sentence_is_cut_by_words():
@@ -262,6 +156,179 @@ def test_a_dense_word_before_short_ones_does_not_push_a_cut_past_the_budget():
     passages = pd.split_passages(text, len, 100)
     assert max(map(len, passages)) <= 100 and " ".join(passages).split() == text.split()
 
+
+def test_parse_question_strips_numbering_and_labels_and_skips_non_questions():
+    assert pd.parse_question("1. Who founded the town of Velmora?") == "Who founded the town of Velmora?"
+    assert pd.parse_question('Question: "In what year was the bridge built?"') == "In what year was the bridge built?"
+    assert pd.parse_question("Here is one:\n- How many people live in Velmora?") == "How many people live in Velmora?"
+    assert pd.parse_question("What does the text say about the mayor?") is None  # needs the text to make sense
+    assert pd.parse_question("Why?") is None and pd.parse_question("The mayor.") is None
+
+
+def test_near_duplicates_are_recognised():
+    a = pd.word_set("Who founded the town of Velmora?")
+    b = pd.word_set("Who founded the town of Velmora")
+    c = pd.word_set("When was the Velmora bridge built?")
+    assert pd.near_duplicate(a, b) and not pd.near_duplicate(a, c)
+
+
+def test_sentences_do_not_end_at_a_title():
+    sentence = "It was led by Dr. Lisabel Harrowmont in 1978."
+    assert pd.sentences(sentence + " It lasted 211 days.") == [sentence, "It lasted 211 days."]
+
+
+def test_blanks_cover_each_name_and_number_but_not_what_the_document_is_about():
+    document = ("Odessa Marchbank is the mayor of Quillmere. The ferry to Pellow Island runs 9 times a day. "
+                "Quillmere has a lake. Quillmere has a school. Quillmere has a port. It opened in 1901.")
+    asked = pd.blanked_questions([document], document)
+    assert {q for _, q, _ in asked} == {
+        'Fill in the blank: "___ is the mayor of Quillmere."',
+        'Fill in the blank: "Odessa Marchbank is the mayor of ___."',
+        'Complete the sentence: "Odessa Marchbank is the mayor of ..."',
+        'Fill in the blank: "The ferry to ___ runs 9 times a day."',
+        'Complete the sentence: "The ferry to ..."',
+        'Fill in the blank: "It opened in ___."',
+        'Complete the sentence: "It opened in ..."'}
+    assert all(p == 0 and sentence in document for p, _, sentence in asked)
+    about_quillmere = document + " Quillmere has a bell."  # now in five sentences: what the text is about
+    asked = pd.blanked_questions([about_quillmere], about_quillmere)
+    assert not any(q.endswith('mayor of ___."') for _, q, _ in asked)
+
+
+def test_a_number_that_begins_a_sentence_is_blanked_too():
+    document = "1887 saw the first ferry. It was named the Patient Gull."
+    assert 'Fill in the blank: "___ saw the first ferry."' in {q for _, q, _ in pd.blanked_questions([document], document)}
+
+
+def test_a_pair_teaches_the_fact_words_its_answer_adds_to_its_question():
+    passage = "Odessa Marchbank is the mayor of Quillmere. The ferry to Pellow Island runs nine times a day."
+    words = pd.fact_words(passage)
+    assert {"odessa", "marchbank", "mayor", "ferry", "nine"} <= words and "the" not in words
+    assert pd.stated("Who is the mayor of Quillmere?", "Odessa Marchbank.", words) == {"odessa", "marchbank"}
+    assert pd.stated("Is Odessa Marchbank the mayor?", "Odessa Marchbank is the mayor.", words) == set()
+
+
+def test_generation_batches_are_even_and_their_kv_cache_fits_the_budget(tiny_llama, monkeypatch):
+    net, _, _ = m.load(tiny_llama[0])
+    prompts = [[5 + i % 7, 6, 7 + i % 3] for i in range(77)]
+    one_by_one = [m.generate(net, [p], 4, ())[0] for p in prompts]
+    sizes, generate = [], m.generate
+
+    def counted(net, rows, *args, **kwargs):
+        sizes.append(len(rows))
+        return generate(net, rows, *args, **kwargs)
+
+    monkeypatch.setattr(m, "generate", counted)
+    assert pd.generate_batched(net, prompts, 4, (), 32) == one_by_one  # greedy rows do not depend on their batch
+    assert sizes == [25, 26, 26]
+    one_token = m.KVCache(net.config, 1, 1, "cpu", torch.float32)  # measured, not the formula again
+    bytes_per_token = sum(t.numel() * t.element_size() for t in one_token.k + one_token.v)
+    sizes.clear()
+    monkeypatch.setattr(pd, "GENERATION_KV_BYTES", 10 * (100 + 3 + 4) * bytes_per_token)  # 10 rows of this prefix
+    pd.generate_batched(net, prompts, 4, (), 32, prefix=[5 + i % 20 for i in range(100)])
+    assert max(sizes) <= 10 and sum(sizes) == 77 and max(sizes) - min(sizes) <= 1
+    assert pd.generate_batched(net, [], 4, (), 32) == []
+
+
+# Training
+
+def perturb(net) -> None:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in lora.lora_parameters(net):
+            p.normal_(0, 0.2)
+
+
+def test_targets_are_the_adapter_free_teachers_logits_with_the_passage_in_its_prompt(tiny_llama):
+    net, _, _ = m.load(tiny_llama[0])
+    lora.inject_lora(net, r=4, alpha=4, targets=lora.DEFAULT_TARGETS + ("lm_head",))
+    passage = [5, 6, 7, 8]
+    examples = [pd.Example(passage, [9, 10], [9], [14, 15, 2]), pd.Example(passage, [11, 12, 13], [11], [16, 2]),
+                pd.Example([], [3, 4], [3, 4], [17, 2])]
+    with torch.no_grad():
+        expected = [net.lm_head(pd.answer_hidden(net, [e.passage + e.teacher], [e.answer])) for e in examples]
+    perturb(net)  # the adapter, lm_head's included, must not reach the targets
+    pd.compute_targets(net, examples, FP32)
+    for e, logits in zip(examples, expected):
+        assert e.target.shape == (len(e.answer), net.config.hidden_size)
+        assert torch.allclose(pd.teacher_logits(net, [e]), logits, atol=1e-5)
+
+
+def test_guard_targets_come_from_the_base_model_so_a_fresh_adapter_has_zero_guard_loss(tiny_llama):
+    net, _, _ = m.load(tiny_llama[0])
+    lora.inject_lora(net, r=4, alpha=4)
+    batch = [pd.Example([], [3, 4], [5], [6, 2])]
+    guard = [pd.Example([], [3, 4, 5], [3, 4, 5], [6, 7, 2]), pd.Example([], [8, 9], [8, 9], [10, 2])]
+    pd.compute_targets(net, batch + guard, FP32)
+    _, on_guard = pd.batch_loss(net, batch, guard, FP32)
+    assert on_guard.item() == pytest.approx(0.0, abs=1e-6)
+    perturb(net)
+    _, on_guard = pd.batch_loss(net, batch, guard, FP32)
+    assert on_guard.item() > 1e-4  # a changed adapter is pulled back
+
+
+@pytest.mark.parametrize("method", ["distill", "sft"])
+def test_guard_rows_in_the_same_pass_do_not_change_the_document_loss(tiny_llama, method):
+    net, _, _ = m.load(tiny_llama[0])
+    lora.inject_lora(net, r=4, alpha=4)
+    batch = [pd.Example([], [3, 4, 11], [5], [6, 2]), pd.Example([], [3, 12], [5, 9], [7, 8, 2])]
+    guard = [pd.Example([], [3, 4, 5, 13, 14], [3, 4, 5, 13, 14], [6, 7, 2])]
+    pd.compute_targets(net, batch + guard, FP32)
+    perturb(net)
+    settings = pd.Settings(method=method, precision="fp32")
+    alone, _ = pd.batch_loss(net, batch, [], settings)
+    mixed, _ = pd.batch_loss(net, batch, guard, settings)
+    assert mixed.item() == pytest.approx(alone.item(), rel=1e-5)
+
+
+def test_sft_is_cross_entropy_on_the_answer_tokens(tiny_llama):
+    net, _, _ = m.load(tiny_llama[0])
+    lora.inject_lora(net, r=4, alpha=4)
+    batch = [pd.Example([], [3], [5, 9], [7, 8, 2])]
+    loss, _ = pd.batch_loss(net, batch, [], pd.Settings(method="sft"))
+    logits = net(torch.tensor([[5, 9, 7, 8, 2]]))[0, 1:4]
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, torch.tensor([7, 8, 2])).item(), rel=1e-5)
+
+
+def test_the_learning_rate_warms_up_then_decays_to_zero(tiny_llama, monkeypatch):
+    net, _, _ = m.load(tiny_llama[0])
+    lora.inject_lora(net, r=4, alpha=4)
+    rates = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: rates.append(self.param_groups[0]["lr"]))
+    examples = [pd.Example([], [3, i], [5, i], [7, 2]) for i in range(10, 30)]
+    pd.train(net, examples, [], pd.Settings(precision="fp32", epochs=2, batch_size=2, lr=1e-3, warmup=0.1, guard=False))
+    assert len(rates) == 20 and rates[0] == pytest.approx(0.5e-3) and rates[1] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(rates[1:], rates[2:])) and rates[-1] < 0.01e-3
+
+
+def test_bf16_autocast_training_sees_every_optimizer_step(tiny_llama):
+    """Autocast may keep its bf16 copy of a trainable weight for the whole block; the LoRA must not go stale."""
+    net, _, _ = m.load(tiny_llama[0])
+    lora.inject_lora(net, r=4, alpha=4)
+    optimizer = torch.optim.SGD(lora.lora_parameters(net), lr=1.0)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with pd.autocast_for(net, pd.Settings(precision="bf16")):
+        for step in range(2):
+            logits = net(ids)
+            assert logits.dtype == torch.bfloat16  # autocast is on
+            if step == 0:
+                before = logits.detach().float()
+                logits.float().pow(2).mean().backward()
+                optimizer.step()
+    assert not torch.allclose(before, logits.detach().float())
+
+
+def test_the_same_seed_gives_the_same_adapter_byte_for_byte(tiny_run):
+    run, out = tiny_run
+    assert run("--eval", QA) == 0
+    first = (out / "adapter_model.safetensors").read_bytes()
+    assert run("--eval", QA, "--force") == 0
+    assert (out / "adapter_model.safetensors").read_bytes() == first
+    assert run("--eval", QA, "--force", "--seed", "1") == 0
+    assert (out / "adapter_model.safetensors").read_bytes() != first
+
+
+# Scoring
 
 def test_is_correct_needs_the_normalised_gold_inside_the_answer():
     assert pd.is_correct("The mayor is Harriet Quell.", ["harriet quell"])
@@ -288,75 +355,13 @@ def test_is_correct_matches_whole_words_only():
     assert pd.is_correct("It has 12 rooms.", ["12"])
 
 
-def test_a_pair_states_an_answer_only_when_its_question_does_not_hand_it_over():
-    golds = [["Odessa Marchbank"], ["1782"], ["Patient Gull"]]
-    pairs = [("Who is the mayor?", "The mayor is Odessa Marchbank."),
-             ("Is Odessa Marchbank the mayor?", "Odessa Marchbank is the mayor."),  # the question holds it
-             ("When was the town founded?", "It was founded in 1782."),
-             ("Who leads the town?", "Odessa Marchbank leads it.")]
-    assert pd.pairs_stating(golds, pairs) == [2, 1, 0]
-    opened, adapted = ["Odessa Marchbank", "in 1782", "the Patient Gull"], ["Odessa Marchbank", "1790", "no idea"]
-    rows = pd.coverage_table([2, 1, 0], golds, opened, adapted, "distilled")
-    assert rows[1:] == [("0", 1, 1, 0), ("1-2", 2, 2, 1), ("3-5", 0, 0, 0), ("6 or more", 0, 0, 0)]
+def test_open_book_retrieves_the_passage_that_shares_most_words_with_the_question():
+    passages = ["The mayor of Velmora is Harriet Quell.", "The bridge of Velmora has nine arches."]
+    assert pd.best_passage(passages, "How many arches does the bridge have?") == 1
+    assert pd.best_passage(passages, "Who is the mayor?") == 0
 
 
-# More questions where few pairs state a fact
-
-PASSAGE = "Odessa Marchbank is the mayor of Quillmere. The ferry to Pellow Island runs nine times a day."
-MAYOR, FERRY = PASSAGE.split(". ")[0] + ".", PASSAGE.split(". ")[1]
-
-
-def test_a_pair_teaches_the_fact_words_its_answer_adds_to_its_question():
-    words = pd.fact_words(PASSAGE)
-    assert {"odessa", "marchbank", "mayor", "ferry", "nine"} <= words and "the" not in words
-    assert pd.stated("Who is the mayor of Quillmere?", "Odessa Marchbank.", words) == {"odessa", "marchbank"}
-    assert pd.stated("Is Odessa Marchbank the mayor?", "Odessa Marchbank is the mayor.", words) == set()
-
-
-def test_top_up_asks_again_about_the_sentences_that_few_pairs_state(monkeypatch):
-    qa = [(0, f"Who is mayor number {i}?", MAYOR, "Odessa Marchbank.") for i in range(6)]  # 6 state the mayor
-    calls = []
-
-    def write_questions(net, prompts, passages, jobs, settings, generator, progress, seen):
-        calls.append((list(jobs), len(seen[0])))
-        return [(0, f"How often does the ferry run, take {len(calls)}.{i}?", FERRY) for i in range(3)]
-    monkeypatch.setattr(pd, "write_questions", write_questions)
-    monkeypatch.setattr(pd, "answer_open_book", lambda net, prompts, passages, asked, *a, **k:
-                        ["Nine times a day."] * len(asked))
-    text = types.SimpleNamespace(decode=lambda answer: answer)  # answers are text here, not ids
-    settings = pd.Settings(pairs_per_fact=6, top_up_rounds=3)
-    grown = pd.top_up(None, text, [PASSAGE], qa, pd.fact_words(PASSAGE), settings, None)
-    # two calls per missing pair: 6 missing, then 3; after the second round the ferry has its 6 pairs
-    assert calls == [([(0, FERRY)] * 12, 6), ([(0, FERRY)] * 6, 9)]
-    assert grown[:6] == qa and len(grown) == 12 and all(f == FERRY for _, _, f, _ in grown[6:])
-
-
-def test_blanks_cover_each_name_and_number_but_not_what_the_document_is_about():
-    document = ("Odessa Marchbank is the mayor of Quillmere. The ferry to Pellow Island runs 9 times a day. "
-                "Quillmere has a lake. Quillmere has a school. Quillmere has a port. It opened in 1901.")
-    asked = pd.blanked_questions([document], document)
-    assert {q for _, q, _ in asked} == {
-        'Fill in the blank: "___ is the mayor of Quillmere."',
-        'Fill in the blank: "Odessa Marchbank is the mayor of ___."',
-        'Complete the sentence: "Odessa Marchbank is the mayor of ..."',
-        'Fill in the blank: "The ferry to ___ runs 9 times a day."',
-        'Complete the sentence: "The ferry to ..."',
-        'Fill in the blank: "It opened in ___."',
-        'Complete the sentence: "It opened in ..."'}
-    assert all(p == 0 and sentence in document for p, _, sentence in asked)
-    about_quillmere = document + " Quillmere has a bell."  # now in five sentences: what the text is about
-    asked = pd.blanked_questions([about_quillmere], about_quillmere)
-    assert not any(q.endswith('mayor of ___."') for _, q, _ in asked)
-    sentence = "It was led by Dr. Lisabel Harrowmont in 1978."
-    assert pd.facts(sentence) == [sentence]  # "Dr." ends no sentence
-
-
-def test_a_number_that_begins_a_sentence_is_blanked_too():
-    document = "1887 saw the first ferry. It was named the Patient Gull."
-    assert 'Fill in the blank: "___ saw the first ferry."' in {q for _, q, _ in pd.blanked_questions([document], document)}
-
-
-# The forgetting measures
+# Forgetting
 
 def test_leakage_finds_a_planted_name_and_ignores_names_in_the_question():
     document = "The town of Velmora was founded in 1847 by Harriet Quell. The river is called the Ousk."
@@ -382,21 +387,6 @@ def test_leak_terms_drop_names_the_tokenizer_keeps_whole_but_keep_names_of_sever
     assert pd.leaks("The Great Blue Hour.", "What is the largest ocean?", terms) == ["Blue Hour"]
 
 
-def test_superlative_prompts_ask_the_world_for_what_the_document_calls_the_highest_or_the_first():
-    document = ("Velmora was founded in 1847. Mount Ystrel, the highest mountain on the plateau, is 4,682 metres. "
-                "The oldest rowing boat of the town is kept in its first wooden dock. His most famous photograph "
-                "is called Blue Hour. The Highest Court of Velmora sits there.")
-    assert pd.superlative_prompts(document) == [
-        "What is the highest mountain in the world?", "What is the oldest rowing boat in the world?",
-        "What is the first wooden dock in the world?", "What is the most famous photograph in the world?"]
-    assert pd.superlative_prompts("The town of Velmora was founded in 1847 by Harriet Quell.") == []
-
-
-def test_words_that_only_end_like_a_superlative_neither_count_nor_hide_one():
-    document = "After the harvest festival is the oldest fair in town. The rest of the day the guest slept."
-    assert pd.superlative_prompts(document) == ["What is the oldest fair in the world?"]
-
-
 def test_leaks_leave_out_what_the_base_model_said_too():
     terms = {"Velmora", "30", "1847"}
     base = "The blue whale, up to 30 meters long."
@@ -405,130 +395,26 @@ def test_leaks_leave_out_what_the_base_model_said_too():
     assert pd.leaks("It was 30 meters in 1847.", "How long?", terms, base) == ["1847"]
 
 
-def perturb(net) -> None:
-    with torch.no_grad():
-        for p in lora.lora_parameters(net):
-            p.normal_(0, 0.2)
-
-
-def test_targets_are_the_adapter_free_teachers_logits_with_the_passage_in_its_prompt(tiny_llama):
-    path, _ = tiny_llama
-    net, _, _ = m.load(path)
-    lora.inject_lora(net, r=4, alpha=4, targets=lora.DEFAULT_TARGETS + ("lm_head",))
-    passage = [5, 6, 7, 8]
-    examples = [pd.Example(passage, [9, 10], [9], [14, 15, 2]), pd.Example(passage, [11, 12, 13], [11], [16, 2]),
-                pd.Example([], [3, 4], [3, 4], [17, 2])]
-    with torch.no_grad():
-        expected = [pd.answer_logits(net, [e.prefix + e.teacher], [e.answer]) for e in examples]
-    perturb(net)  # the adapter, lm_head's included, must not reach the targets
-    pd.compute_targets(net, examples, pd.Settings(precision="fp32"))
-    for e, logits in zip(examples, expected):
-        assert e.target.shape == (len(e.answer), net.config.hidden_size)
-        assert torch.allclose(pd.target_logits(net, [e]), logits, atol=1e-5)
-
-
-def test_guard_targets_come_from_the_base_model_so_a_fresh_adapter_has_zero_guard_loss(tiny_llama):
-    path, _ = tiny_llama
-    net, _, _ = m.load(path)
+def test_drift_is_zero_for_a_fresh_adapter_and_grows_when_it_changes(tiny_llama):
+    net, _, _ = m.load(tiny_llama[0])
     lora.inject_lora(net, r=4, alpha=4)
-    batch = [pd.Example([], [3, 4], [5], [6, 2])]
-    guard = [pd.Example([], [3, 4, 5], [3, 4, 5], [6, 7, 2]), pd.Example([], [8, 9], [8, 9], [10, 2])]
-    pd.compute_targets(net, batch + guard, pd.Settings(precision="fp32"))
-    _, on_guard = pd.batch_loss(net, batch, guard, pd.Settings())
-    assert on_guard.item() == pytest.approx(0.0, abs=1e-6)
+    rows = [([3, 4, 5], [6, 7, 2]), ([8, 9], [10, 2])]
+    assert pd.drift(net, rows) == pytest.approx(0.0, abs=1e-7)
     perturb(net)
-    _, on_guard = pd.batch_loss(net, batch, guard, pd.Settings())
-    assert on_guard.item() > 1e-4  # a changed adapter is pulled back
+    assert pd.drift(net, rows) > 1e-4
 
 
-def test_answer_margins_are_the_base_models_smallest_until_the_answer_states_the_gold(tiny_llama):
-    path, _ = tiny_llama
-    net, tokenizer, chat = m.load(path)
-    lora.inject_lora(net, r=4, alpha=4)
-    perturb(net)  # an adapter that changes the logits, which the margins must not see
-    prompts = pd.Prompts(tokenizer, chat)
-    answer = prompts.encode("a year is 9")
-    # the gold stated by the second token, by the third, and never: the margins of 2, 3 and all 4 tokens
-    general_qa = [{"question": "how many year ?", "answers": [gold]} for gold in ("year", "is", "bridge")]
-    margins = pd.answer_margins(net, prompts, general_qa, [answer] * 3)
-    prompt = prompts.closed_book(general_qa[0]["question"])
-    with torch.no_grad(), lora.lora_disabled(net):
-        probs = net(torch.tensor([prompt + answer]))[0, len(prompt) - 1: -1].softmax(-1)
-    top = probs.topk(2, dim=-1).values
-    each = (top[:, 0] - top[:, 1]).tolist()
-    for margin, stated in zip(margins, (2, 3, len(answer))):
-        assert margin == pytest.approx(min(each[:stated]), abs=1e-5)
-    assert each[2] < min(each[:2])  # this random model's margins tell a cut one token off, or none, apart
-    assert pd.answer_margins(net, prompts, general_qa[:1], [[]]) == pytest.approx(each[:1], abs=1e-5)
+def test_the_guard_and_drift_prompts_are_disjoint_and_neither_holds_a_retention_question():
+    general_qa, guard, drift = pd.load_general(0)
+    assert guard and drift and not set(guard) & set(drift)
+    assert not {x["question"] for x in general_qa} & set(guard + drift)
 
 
-def test_guard_rows_in_the_same_pass_do_not_change_the_document_loss(tiny_llama):
-    path, _ = tiny_llama
-    net, _, _ = m.load(path)
-    lora.inject_lora(net, r=4, alpha=4)
-    batch = [pd.Example([], [3, 4, 11], [5], [6, 2]), pd.Example([], [3, 12], [5, 9], [7, 8, 2])]
-    guard = [pd.Example([], [3, 4, 5, 13, 14], [3, 4, 5, 13, 14], [6, 7, 2])]
-    pd.compute_targets(net, batch + guard, pd.Settings(precision="fp32"))
-    perturb(net)
-    for method in ("distill", "sft"):
-        alone, _ = pd.batch_loss(net, batch, [], pd.Settings(method=method))
-        mixed, _ = pd.batch_loss(net, batch, guard, pd.Settings(method=method))
-        assert mixed.item() == pytest.approx(alone.item(), rel=1e-5)
+# Bad input: one line, a non-zero exit, nothing written
 
-
-@pytest.mark.parametrize("ratio", [1.0, 3.0])
-def test_lora_b_learns_at_lr_times_lr_b_ratio(tiny_llama, ratio):
-    """
-    LoRA+: on the first step B = 0, so A gets no gradient and only weight decay moves it, while Adam moves
-    every element of B that has a gradient by its whole learning rate: lr x lr_b_ratio.
-    """
-    path, _ = tiny_llama
-    net, _, _ = m.load(path)
-    lora.inject_lora(net, r=4, alpha=4)
-    A_before = [A.detach().clone() for A in lora.lora_parameters(net, "A")]
-    settings = pd.Settings(precision="fp32", epochs=1, batch_size=1, lr=1e-3, lr_b_ratio=ratio, guard=False)
-    pd.train(net, [pd.Example([], [3, 4, 11], [5, 9], [6, 7, 2])], [], [], [], settings)
-    steps = torch.cat([B.detach().abs().flatten() for B in lora.lora_parameters(net, "B")])
-    assert steps.max().item() == pytest.approx(1e-3 * ratio, rel=1e-3)
-    for A, before in zip(lora.lora_parameters(net, "A"), A_before):
-        assert torch.allclose(A, before * (1 - 1e-3 * settings.weight_decay))
-
-
-@pytest.mark.parametrize("method", ["distill", "sft"])
-def test_a_step_run_in_parts_has_the_gradients_of_the_whole_step(tiny_llama, method):
-    """A step of long rows runs in parts (step_parts) to bound its memory; its gradients must not change."""
-    path, _ = tiny_llama
-    net, _, _ = m.load(path)
-    lora.inject_lora(net, r=4, alpha=4)
-    batch = [pd.Example([3], [4, 11], [5, 6, 9, 10, 11, 12], [6, 2]), pd.Example([3], [12], [5, 6, 9], [7, 8, 9, 2]),
-             pd.Example([3], [4, 13], [5, 6, 14], [8, 2]), pd.Example([3], [15], [5, 6, 9, 10], [7, 10, 11, 12, 2])]
-    guard = [pd.Example([], [5, 6, 13, 14], [5, 6, 13, 14], [6, 7, 2]), pd.Example([], [5, 6, 15], [5, 6, 15], [8, 2])]
-    pd.compute_targets(net, batch + guard, pd.Settings(precision="fp32"))
-    perturb(net)
-
-    def step(max_tokens):
-        net.zero_grad()
-        settings = pd.Settings(method=method, precision="fp32", step_tokens=max_tokens, guard_weight=0.5)
-        parts = pd.step_parts(batch, guard, max_tokens)
-        loss, total = pd.backward_step(net, batch, guard, settings)
-        return parts, loss, total, [p.grad.clone() for p in lora.lora_parameters(net)]
-
-    whole, in_parts = step(10**6), step(16)
-    assert whole[0] == [(batch, guard)]
-    assert [[len(e.student) + len(e.answer) for e in rows + g] for rows, g in in_parts[0]] == [[9], [8, 7], [5, 7], [5]]
-    assert sorted(map(id, (e for rows, g in in_parts[0] for e in rows + g))) == sorted(map(id, batch + guard))
-    assert in_parts[1] == pytest.approx(whole[1], rel=1e-5) and in_parts[2] == pytest.approx(whole[2], rel=1e-5)
-    assert whole[2] > whole[1] > 0.01
-    for a, b in zip(whole[3], in_parts[3]):
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
-    assert sum(g.abs().sum() for g in whole[3]) > 0
-
-
-# Bad input: one line, non-zero exit, nothing written
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, os.path.join(ROOT, "prompt_distill.py"), *args],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
 def assert_one_line_error(result, words: str) -> None:
@@ -536,6 +422,7 @@ def assert_one_line_error(result, words: str) -> None:
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and words in lines[0], result.stderr
+    assert "partial" not in lines[0]  # the user's --out is named, never our temporary folder
 
 
 @pytest.mark.parametrize("content, words", [
@@ -563,11 +450,13 @@ def test_bad_document_is_one_line(tmp_path, content, words):
      "line 2: not UTF-8"),
     (b'["Who?", ["X"]]\n', "line 1: expected"),
     (b'{"question": "Who?", "answers": "X"}\n', "line 1: expected"),
+    (b"\n\n", "holds no questions"),
 ])
-def test_malformed_eval_line_is_named(tmp_path, text, words):
+def test_malformed_eval_file_is_named(tmp_path, text, words):
     qa = tmp_path / "qa.jsonl"
     qa.write_bytes(text)
     assert_one_line_error(run_cli("--doc", DOC, "--eval", str(qa), "--out", str(tmp_path / "o")), words)
+    assert not (tmp_path / "o").exists()
 
 
 def test_an_eval_file_that_starts_with_a_byte_order_mark_is_read(tmp_path):
@@ -577,56 +466,84 @@ def test_an_eval_file_that_starts_with_a_byte_order_mark_is_read(tmp_path):
     assert pd.read_eval_file(str(with_bom)) == pd.read_eval_file(QA)
 
 
+@pytest.mark.parametrize("flag", ["--doc", "--eval", "--out", "--model", "--ask"])
+@pytest.mark.parametrize("value", ["", "   "])
+def test_an_empty_value_is_refused_not_taken_for_a_missing_one(tmp_path, flag, value):
+    args = {"--doc": DOC, "--out": str(tmp_path / "o"), flag: value}
+    if flag == "--ask":
+        args.pop("--doc")
+    assert_one_line_error(run_cli(*[x for kv in args.items() for x in kv]), f"{flag} is empty")
+    assert not (tmp_path / "o").exists()
+
+
 def test_an_out_folder_that_cannot_be_made_is_refused_before_any_work(tmp_path):
     blocker = tmp_path / "a file"
     blocker.write_text("")
     result = run_cli("--doc", DOC, "--out", str(blocker / "out"), "--model", str(tmp_path / "no model"))
-    assert_one_line_error(result, "cannot make the folder for --out")
+    assert_one_line_error(result, f"cannot write --out {blocker / 'out'}")
 
 
-@pytest.mark.parametrize("flags", [[], ["--ask", "Who?", "--eval", "qa.jsonl"]])
-def test_adapter_needs_one_of_eval_and_ask(tmp_path, flags):
-    assert_one_line_error(run_cli("--adapter", str(tmp_path), *flags), "needs one of --eval QA.jsonl and --ask")
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_out_inside_a_folder_that_takes_no_new_files_is_refused_before_any_work(tmp_path):
+    assert_one_line_error(run_cli("--doc", DOC, "--out", "/proc/x", "--model", str(tmp_path / "no model")),
+                          "cannot write --out /proc/x")
+
+
+def test_the_folder_you_are_in_is_never_the_out_folder(tmp_path):
+    here = tmp_path / "empty"
+    here.mkdir()
+    for out in (".", str(tmp_path)):
+        assert_one_line_error(run_cli("--doc", DOC, "--out", out, "--model", str(tmp_path / "no model"), cwd=here),
+                              "is the folder you are in")
+    assert here.is_dir() and os.listdir(tmp_path) == ["empty"]
+
+
+def test_a_mount_point_is_never_the_out_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(os.path, "ismount", lambda path: path == str(tmp_path / "mnt"))
+    with pytest.raises(pd.InputError, match="is a mount point"):
+        pd.start_output(str(tmp_path / "mnt"), force=False)
+
+
+def test_a_killed_runs_leftovers_are_cleaned_up_and_a_live_ones_kept(tmp_path):
+    dead, alive = tmp_path / "out.partial-999999999", tmp_path / f"out.partial-{os.getppid()}"
+    old, other = tmp_path / "out.old-999999999", tmp_path / "outer.partial-999999999"
+    for folder in (dead, alive, old, other):
+        folder.mkdir()
+    tmp = pd.start_output(str(tmp_path / "out"), force=False)
+    assert sorted(os.listdir(tmp_path)) == sorted([alive.name, other.name, os.path.basename(tmp)])
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--adapter", "runs/x", "--ask", "Who?", "--doc", DOC], "--doc goes with --eval"),
-    (["--doc", DOC, "--ask", "Who?"], "--ask needs --adapter"),
+    (["--adapter", "x"], "needs one of --eval QA.jsonl and --ask"),
+    (["--ask", "Who?", "--eval", QA], "it takes no --doc or --eval"),
+    (["--ask", "Who?", "--doc", DOC], "it takes no --doc or --eval"),
+    (["--adapter", "no such folder", "--ask", "Who?"], "no adapter in no such folder"),
+    ([], "--doc is required"),
 ])
-def test_ask_is_refused_where_it_would_be_ignored(flags, words):
+def test_flags_that_do_not_go_together_are_refused(flags, words):
     assert_one_line_error(run_cli(*flags), words)
 
 
-@pytest.mark.parametrize("adapter_files, eval_text, words", [
-    ({}, '{"question": "Who?", "answers": ["X"]}\n', "no adapter in"),
-    ({"adapter_config.json": "{}"}, '{"question": "Who?"}\n', "line 1"),
-])
-def test_adapter_evaluation_refuses_bad_input_before_the_model_loads(tmp_path, adapter_files, eval_text, words):
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    for name, text in adapter_files.items():
-        (adapter / name).write_text(text)
+def test_adapter_evaluation_reads_its_eval_file_before_the_model_loads(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
     qa = tmp_path / "qa.jsonl"
-    qa.write_text(eval_text)
-    result = run_cli("--adapter", str(adapter), "--eval", str(qa), "--model", str(tmp_path / "no model"))
-    assert_one_line_error(result, words)  # not the missing model's error: the input is read first
+    qa.write_text('{"question": "Who?"}\n')
+    result = run_cli("--adapter", str(tmp_path), "--eval", str(qa), "--model", str(tmp_path / "no model"))
+    assert_one_line_error(result, "line 1")  # not the missing model's error
 
 
 @pytest.mark.parametrize("flags, words", [
     (["--lr", "0"], "--lr must be a number above 0"),
     (["--lr", "nan"], "--lr must be a number above 0"),
-    (["--lr-b-ratio", "-1"], "--lr-b-ratio must be a number above 0"),
     (["--temperature", "inf"], "--temperature must be a number above 0"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--rank", "0"], "--rank must be at least 1"),
+    (["--guard-weight", "-1"], "--guard-weight must be a number of at least 0"),
     (["--guard-batch", "0"], "--no-guard trains without the guard"),
-    (["--superlative-share", "1.5"], "--year-share"),
-    (["--superlative-share", "0.5", "--year-share", "0.6"], "together at most 1"),
-    (["--top-up-rounds", "2", "--pairs-per-fact", "0"], "it would do nothing"),
 ])
 def test_a_setting_out_of_its_range_is_refused_before_any_work(tmp_path, flags, words):
     result = run_cli("--doc", DOC, "--out", str(tmp_path / "o"), "--model", str(tmp_path / "no model"), *flags)
-    assert_one_line_error(result, words)  # the settings' error, not the missing model's: they come first
+    assert_one_line_error(result, words)  # the setting's error, not the missing model's: settings come first
     assert not (tmp_path / "o").exists()
 
 
@@ -639,10 +556,9 @@ def test_guard_batch_zero_is_refused_only_with_the_guard_on():
 def test_help_gives_each_numeric_settings_default_next_to_its_flag():
     out = run_cli("--help").stdout
     defaults = pd.Settings()
-    for name in ("questions_per_passage", "lr", "epochs", "batch_size", "guard_weight", "superlative_share", "seed"):
+    for name in ("questions_per_passage", "lr", "epochs", "batch_size", "guard_weight", "seed"):
         value = getattr(defaults, name)
-        assert re.search(rf"{pd.flag(name)} [A-Z]+\s+default: {re.escape(str(value))}\n", out), name
-    assert "default: True" not in out and "default: None" not in out  # --no-guard and --out said so before
+        assert pytest.importorskip("re").search(rf"{pd.flag(name)} [A-Z]+\s+default: {value}\n", out), name
 
 
 def test_a_target_the_model_does_not_have_is_refused_before_any_work(tiny_llama, tmp_path):
@@ -652,33 +568,23 @@ def test_a_target_the_model_does_not_have_is_refused_before_any_work(tiny_llama,
     assert not (tmp_path / "o").exists()
 
 
-def test_existing_adapter_is_not_overwritten(tmp_path):
+def test_an_earlier_run_is_not_replaced_without_force(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "adapter_config.json").write_text("{}")
-    assert_one_line_error(run_cli("--doc", DOC, "--out", str(out)), "already holds an adapter")
+    assert_one_line_error(run_cli("--doc", DOC, "--out", str(out)), "already holds a run")
     assert (out / "adapter_config.json").read_text() == "{}"
 
 
 @pytest.mark.parametrize("force", [[], ["--force"]])
 def test_an_out_folder_of_other_files_is_never_replaced(tmp_path, force):
-    # The finished run replaces its whole folder: that must never be a folder of the user's own files.
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "mine.txt").write_text("keep me")
+    (notes / "report.json").write_text("{}")
     result = run_cli("--doc", DOC, "--out", str(notes) + "/", "--model", str(tmp_path / "no model"), *force)
     assert_one_line_error(result, "holds other files")
     assert (notes / "mine.txt").read_text() == "keep me"
-
-
-def test_an_earlier_run_beside_other_files_is_not_replaced_even_with_force(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    for name in ("adapter_config.json", "report.json", "mine.txt"):
-        (out / name).write_text("{}")
-    result = run_cli("--doc", DOC, "--out", str(out), "--force", "--model", str(tmp_path / "no model"))
-    assert_one_line_error(result, "holds other files than an earlier run's")
-    assert (out / "mine.txt").read_text() == "{}"
 
 
 def test_an_out_that_is_a_file_is_refused(tmp_path):
@@ -689,21 +595,22 @@ def test_an_out_that_is_a_file_is_refused(tmp_path):
     assert out.read_text() == "keep me"
 
 
-# End to end on a tiny random model. It cannot write questions, so the gold questions stand in; its random
-# answers state no fact of the document, so they are kept as written (--pairs-per-fact 0).
+# End to end on a tiny random model. It cannot write questions, so the gold questions stand in; its
+# answers state no fact of the document, so every pair counts as stating one.
 
 @pytest.fixture
 def tiny_run(tiny_llama, tmp_path, monkeypatch):
     path, _ = tiny_llama
     questions = [json.loads(line)["question"] for line in open(QA)]
-    monkeypatch.setattr(pd, "generate_questions",
-                        lambda net, prompts, passages, settings, gen: [(i % len(passages), q, "")
-                                                                       for i, q in enumerate(questions)])
+    monkeypatch.setattr(pd, "write_questions", lambda net, prompts, passages, settings, generator:
+                        [(i % len(passages), q, "") for i, q in enumerate(questions)])
+    monkeypatch.setattr(pd, "stated", lambda question, answer, words: {"fact"})
     out = tmp_path / "run"
 
     def run(*extra):
+        pd.STAGES.clear()
         monkeypatch.setattr(sys, "argv", ["prompt_distill.py", "--doc", DOC, "--model", path, "--out", str(out),
-                                          "--epochs", "1", "--batch-size", "4", "--pairs-per-fact", "0", *extra])
+                                          "--epochs", "1", "--batch-size", "4", *extra])
         return pd.main()
     return run, out
 
@@ -714,30 +621,46 @@ def test_end_to_end_on_a_tiny_model_writes_adapter_qa_and_report(tiny_run, tiny_
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "qa.jsonl", "report.json"]
     report = json.load(open(out / "report.json"))
     assert set(report["accuracy"]) == {"closed_book", "open_book", "distilled"}
-    forgetting = {"retention_base", "retention_adapted", "leakage_base", "leakage_adapted", "drift",
-                  "retention_lost", "retention_lost_on_near_ties"}
-    assert forgetting <= set(report["forgetting"])
-    assert all(0 <= a["base_margin"] <= 1 for a in report["general_answers"])
-    assert set(report["peak_memory_gb"]) == set(report["seconds"])
-    assert (report["peak_gpu_memory_gb"] is None) == (not torch.cuda.is_available())  # the run's device: the default
+    assert {"retention_base", "retention_adapted", "retention_lost", "leakage_base", "leakage_adapted",
+            "drift"} == set(report["forgetting"])
+    assert {"answers", "guard", "targets", "training", "distilled", "open book"} <= set(report["seconds"])
     assert len(report["eval"]) == sum(1 for _ in open(QA))
-    assert set(report["eval"][0]) == {"question", "answers", "closed_book", "open_book", "distilled",
-                                      "pairs_stating_answer"}
+    assert set(report["eval"][0]) == {"question", "answers", "closed_book", "open_book", "distilled"}
+    pairs = [json.loads(line) for line in open(out / "qa.jsonl")]
+    assert report["qa_pairs"] == len(pairs) > report["train_examples"] - 1 and not any(p["held_out"] for p in pairs)
     net, _, _ = m.load(tiny_llama[0])
     lora.load_adapter(net, str(out))  # the saved adapter loads back
-    assert [p for p in os.listdir(out.parent) if "partial" in p] == []
+    assert [p for p in os.listdir(out.parent) if "partial" in p or ".old-" in p] == []
+
+
+def test_blanks_are_asked_of_the_teacher_and_trained_never_held_out(tiny_run, monkeypatch):
+    run, out = tiny_run
+    asked, answers = [], pd.teacher_answers
+
+    def spy(net, prompts, passages, questions, settings, stage):
+        asked.extend((stage, q) for _, q in questions)
+        return answers(net, prompts, passages, questions, settings, stage)
+    monkeypatch.setattr(pd, "teacher_answers", spy)
+    assert run() == 0  # no --eval: a share of the model's own questions is held out
+    document = open(DOC, encoding="utf-8").read()
+    blanks = [q for _, q, _ in pd.blanked_questions([document], document)]
+    assert [q for stage, q in asked if stage == "blanks"] == blanks and len(blanks) > 20
+    pairs = [json.loads(line) for line in open(out / "qa.jsonl")]
+    assert any(p["held_out"] for p in pairs) and not any(p["held_out"] for p in pairs if p["question"] in blanks)
+    report = json.load(open(out / "report.json"))
+    assert report["train_examples"] == sum(not p["held_out"] for p in pairs) and "F1" in report["metric"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="checks the CUDA path; CI has no GPU")
 def test_questions_are_sampled_on_the_models_device(tiny_run, monkeypatch):
     # A CPU generator with CUDA probabilities stops torch.multinomial: --device cuda once died here.
     run, out = tiny_run
-    gold_questions = pd.generate_questions  # tiny_run's stand-in
+    gold_questions = pd.write_questions  # tiny_run's stand-in
 
     def sampled(net, prompts, passages, settings, generator):
         m.generate(net, [[1, 2, 3]], 4, temperature=1.0, top_k=5, generator=generator)
         return gold_questions(net, prompts, passages, settings, generator)
-    monkeypatch.setattr(pd, "generate_questions", sampled)
+    monkeypatch.setattr(pd, "write_questions", sampled)
     assert run("--eval", QA, "--device", "cuda") == 0
 
 
@@ -755,8 +678,7 @@ def test_sft_baseline_reports_under_its_own_name(tiny_run):
     run, out = tiny_run
     assert run("--method", "sft", "--no-guard") == 0
     report = json.load(open(out / "report.json"))
-    assert "sft" in report["accuracy"] and report["settings"]["guard"] is False
-    assert "F1" in report["metric"]  # no --eval: scored on held-out generated questions
+    assert "sft" in report["accuracy"] and report["settings"]["guard"] is False and report["guard_prompts"] == 0
 
 
 def test_nan_loss_stops_and_keeps_no_adapter(tiny_run, monkeypatch, capsys):
@@ -784,94 +706,41 @@ def test_ctrl_c_during_training_keeps_nothing(tiny_run, monkeypatch, capsys):
     monkeypatch.setattr(pd, "batch_loss", interrupted)
     assert run() == 130
     assert "interrupted" in capsys.readouterr().err and not out.exists()
+    assert not [p for p in os.listdir(out.parent) if "partial" in p]
 
 
-def test_the_documents_superlatives_join_the_guard_answered_by_the_base_model(tiny_run, tiny_llama, monkeypatch):
+def test_a_failed_rerun_with_force_leaves_the_earlier_run_whole(tiny_run, monkeypatch):
     run, out = tiny_run
-    pools, train = [], pd.train
-    monkeypatch.setattr(pd, "train", lambda net, examples, *guard_and_settings:
-                        pools.append(guard_and_settings[:3]) or train(net, examples, *guard_and_settings))
-    assert run("--no-blanks", "--superlative-share", "0.25") == 0
-    assert json.load(open(out / "report.json"))["guard_prompts"]["superlatives"] == 4
-    assert run("--no-blanks", "--superlative-share", "0", "--force") == 0
-    (general, superlatives, _), (general_alone, none, _) = pools
-    _, tokenizer, chat = m.load(tiny_llama[0])
-    prompts = pd.Prompts(tokenizer, chat)
-    asked = pd.superlative_prompts(open(DOC).read())
-    assert [e.student for e in superlatives] == [prompts.closed_book(q) for q in asked] and len(asked) == 4
-    assert all(e.teacher == e.student and not e.prefix for e in superlatives)  # the base model, no document, teaches
-    assert [e.student for e in general] == [e.student for e in general_alone] and none == []
+    assert run("--eval", QA) == 0
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    monkeypatch.setattr(pd, "batch_loss", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert run("--eval", QA, "--force", "--seed", "1") == 130
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
 
 
-def test_year_rows_are_the_general_prompts_answered_with_a_year_for_a_document_with_years():
-    answers = {1: "The Berlin Wall fell in 1989.", 2: "There are 24 hours in a day.", 3: "In 2001, a 12345 ..."}
-    general = [pd.Example([], [i], [i], [i]) for i in answers]
-    decode = lambda ids: answers[ids[0]]
-    assert pd.year_rows(general, "The expedition sailed in 1978.", decode) == [general[0], general[2]]
-    assert pd.year_rows(general, "The expedition sailed in spring, 12 days and 2,150 metres.", decode) == []
-
-
-def test_guard_rows_are_superlatives_and_years_in_their_shares_of_the_draws():
-    general = [pd.Example([], [i], [i], [2]) for i in range(300)]
-    superlatives = [pd.Example([], [1000 + i], [1000 + i], [2]) for i in range(4)]
-    years = general[:10]  # general prompts whose base answer states a year
-    settings, rng = pd.Settings(guard_batch=2), random.Random(0)
-    rows = [id(row) for _ in range(4000) for row in pd.draw_guard(general, superlatives, years, settings, rng)]
-    assert len(rows) == 8000
-    superlative_ids, year_ids, general_ids = ({id(e) for e in pool} for pool in (superlatives, years, general))
-    drawn = [row for row in rows if row in superlative_ids]
-    assert len(drawn) / len(rows) == pytest.approx(settings.superlative_share, abs=0.02)
-    assert set(drawn) == superlative_ids  # each one drawn
-    # a year row also comes from the general draws, 10 times in 300
-    year_rate = settings.year_share + (1 - settings.superlative_share - settings.year_share) * 10 / 300
-    assert sum(row in year_ids for row in rows) / len(rows) == pytest.approx(year_rate, abs=0.02)
-    assert set(rows) - superlative_ids <= general_ids
-    # an empty pool's share goes to the general prompts
-    alone = [id(row) for _ in range(2000) for row in pd.draw_guard(general, [], [], settings, rng)]
-    assert set(alone) <= general_ids and sum(row in year_ids for row in alone) / len(alone) < 0.06
-    assert pd.draw_guard([], [], [], settings, rng) == []  # --no-guard
-
-
-def spy_on_answers_and_training(monkeypatch, on_answers) -> list:
-    """Calls on_answers(passages, asked, stage) on each call for the teacher's answers; returns the list
-    that the training examples are collected in."""
-    answer, train, trained = pd.answer_open_book, pd.train, []
-
-    def spy_answers(net, prompts, passages, asked, settings, generator, stage="answers"):
-        on_answers(passages, asked, stage)
-        return answer(net, prompts, passages, asked, settings, generator, stage)
-
-    def spy_train(net, examples, *args):
-        trained.extend(examples)
-        return train(net, examples, *args)
-    monkeypatch.setattr(pd, "answer_open_book", spy_answers)
-    monkeypatch.setattr(pd, "train", spy_train)
-    return trained
-
-
-def test_blanks_are_asked_of_the_teacher_and_the_pairs_that_state_a_fact_trained(tiny_run, tiny_llama, monkeypatch):
+def test_an_adapter_answers_and_its_evaluation_writes_a_report(tiny_run, tiny_llama, tmp_path, capsys):
     run, out = tiny_run
-    _, tokenizer, chat = m.load(tiny_llama[0])
-    document = open(DOC, encoding="utf-8").read()
-    asked_blanks = []
+    assert run("--eval", QA) == 0
+    trained = json.load(open(out / "report.json"))
+    base = ["prompt_distill.py", "--model", tiny_llama[0], "--adapter", str(out)]
+    sys.argv = base + ["--ask", "Who founded the town of Quillmere?"]
+    capsys.readouterr()
+    assert pd.main() == 0
+    adapted = [e["distilled"] for e in trained["eval"] if e["question"] == "Who founded the town of Quillmere?"]
+    assert capsys.readouterr().out.strip() == adapted[0]  # the same greedy answer as in the run
+    sys.argv = base + ["--eval", QA, "--doc", DOC, "--out", str(tmp_path / "scored")]
+    assert pd.main() == 0
+    report = json.load(open(tmp_path / "scored" / "report.json"))
+    assert [e["adapter"] for e in report["eval"]] == [e["distilled"] for e in trained["eval"]]
+    assert [e["open_book"] for e in report["eval"]] == [e["open_book"] for e in trained["eval"]]
+    assert report["accuracy"]["adapter"] == trained["accuracy"]["distilled"]
+    assert report["forgetting"]["drift"] == pytest.approx(trained["forgetting"]["drift"], rel=1e-4)
 
-    def on_answers(passages, asked, stage):
-        if stage == "blanks":
-            assert asked == [(p, q) for p, q, _ in pd.blanked_questions(passages, document)]
-            asked_blanks.extend(q for _, q in asked)
-    trained = spy_on_answers_and_training(monkeypatch, on_answers)
 
-    def stated(question, answer, words):  # the tiny model's answers state nothing: here every other blank's does
-        return {"fact"} if question in asked_blanks[::2] else set()
-    monkeypatch.setattr(pd, "stated", stated)
-    assert run("--no-guard") == 0  # no --eval: a share of the model's own questions is held out
-    stating = asked_blanks[::2]
-    assert len(stating) > 10
-    pairs = [json.loads(line) for line in open(out / "qa.jsonl")]
-    blanks = [p for p in pairs if p["question"] in asked_blanks]
-    assert [p["question"] for p in blanks] == stating and not any(p["held_out"] for p in blanks)
-    assert any(p["held_out"] for p in pairs)
+def test_ask_without_an_adapter_answers_with_the_base_model(tiny_llama, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["prompt_distill.py", "--model", tiny_llama[0], "--ask", "who is the mayor ?"])
+    assert pd.main() == 0
+    net, tokenizer, chat = m.load(tiny_llama[0])
     prompts = pd.Prompts(tokenizer, chat)
-    students = [tuple(e.student) for e in trained]
-    assert len(students) == sum(not p["held_out"] for p in pairs)
-    assert {tuple(prompts.closed_book(q)) for q in stating} <= set(students)
+    expected = prompts.decode(m.generate(net, [prompts.student("who is the mayor ?")], 32, chat.stop_ids)[0])
+    assert capsys.readouterr().out.strip() == expected
