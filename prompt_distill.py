@@ -52,25 +52,27 @@ class Settings:
     passage_tokens: int = 160  # the teacher reads about a paragraph at a time
     questions_per_passage: int = 50  # the paper writes 30 a paragraph
     question_temperature: float = 0.7  # a 135M model drifts off the sentence above this
-    question_top_k: int = 50
+    question_top_k: int = 50  # and only among the 50 likeliest tokens
     blanks: bool = True  # also ask for each name and number of the document, blanked out
     max_answer_tokens: int = 32  # the teacher is asked for "a few words"
-    rank: int = 32
-    alpha: float = 32.0
+    rank: int = 32  # of the LoRA matrices; 64 learned no more, and drifted further
+    alpha: float = 32.0  # the update is scaled by alpha / rank
     targets: tuple = lora.DEFAULT_TARGETS  # the linear layers that get an adapter
     lr: float = 1e-3  # peak; a larger model wants less (3e-4 for a 0.5B one)
-    weight_decay: float = 0.1
-    epochs: int = 4
-    batch_size: int = 4
+    weight_decay: float = 0.1  # AdamW's, on the adapter only
+    epochs: int = 4  # more learned more, past 10 minutes a run on 2 cores
+    batch_size: int = 4  # questions a step
     warmup: float = 0.1  # share of the steps
     temperature: float = 1.0  # of the distillation loss
     guard: bool = True  # the forgetting guard
     guard_batch: int = 1  # general prompts mixed into each step
-    guard_weight: float = 1.0
+    guard_weight: float = 1.0  # of the guard's KL, against the document's loss
+    superlative_share: float = 0.25  # of the guard's rows: the document's superlatives, asked of the world
+    year_share: float = 0.2  # of the guard's rows, for a document with years: prompts answered with a year
     holdout: float = 0.1  # share of the generated questions held out for scoring, when there is no --eval
     generation_batch: int = 64  # rows decoded together at most
     precision: str = "auto"  # "bf16": train under bfloat16 autocast; "auto": where the CPU has bf16 units
-    seed: int = 0
+    seed: int = 0  # of the questions, the batches and the adapter's first weights: same seed, same adapter
 
 
 # -----------------------------------------------------------------------------
@@ -458,6 +460,47 @@ os.environ.setdefault("LRU_CACHE_CAPACITY", "64")
 # -----------------------------------------------------------------------------
 # 4. Training
 
+# The guard's pools. What the document calls the highest or the first, and the years it gives, are what an
+# adapter most often carries into the world's answers ("Mount Ystrel" as the tallest mountain, penicillin
+# "discovered in 1978"); so a share of the guard's rows asks about exactly those forms. The lookahead keeps
+# a word that only looks like a superlative ("the harvest festival") from swallowing the one after it.
+SUPERLATIVE = r"\b(?i:the|its|his|her|their)\s+(?=((?:most\s+[a-z]+|[a-z]+est|first|last)(?:\s+[a-z]+){1,3}))"
+NOT_SUPERLATIVES = set("arrest behest bequest chest conquest contest crest digest forest guest harvest honest inquest "
+                       "interest invest jest manifest midwest modest nest northwest pest priest protest quest request "
+                       "rest southwest suggest test unrest vest west zest".split())
+PHRASE_ENDS = set("about above after against before during into over under through near since until ever".split())
+YEAR = re.compile(r"\b(?:1[0-9]{3}|20[0-9]{2})\b")
+
+
+def superlative_prompts(document: str) -> list[str]:
+    """'What is the highest mountain in the world?' for the document's 'the highest mountain on the plateau'."""
+    phrases = []
+    for match in re.finditer(SUPERLATIVE, document):
+        words = match.group(1).split()
+        head = 2 if words[0] == "most" else 1
+        tail = list(itertools.takewhile(lambda w: w not in STOPWORDS | PHRASE_ENDS, words[head:]))
+        if words[0] not in NOT_SUPERLATIVES and tail:
+            phrases.append(" ".join(words[:head] + tail))
+    return [f"What is the {p} in the world?" for p in dict.fromkeys(phrases)]
+
+
+def year_rows(general: list, document: str, decode) -> list:
+    """The general rows whose base answer states a year, if the document states one."""
+    return [e for e in general if YEAR.search(decode(e.answer))] if YEAR.search(document) else []
+
+
+def draw_guard(general: list, superlatives: list, years: list, settings, rng: random.Random) -> list:
+    """A step's guard rows: a superlative with probability superlative_share, a prompt answered with a year
+    with probability year_share, else any general prompt; an empty pool's share goes to the general ones."""
+    rows = []
+    for _ in range(settings.guard_batch if general else 0):
+        r = rng.random()
+        pool = (superlatives if r < settings.superlative_share else
+                years if r < settings.superlative_share + settings.year_share else [])
+        rows.append(rng.choice(pool or general))
+    return rows
+
+
 @dataclass
 class Example:
     passage: list[int]  # the start of the teacher's prompt, up to the passage's end; empty for a guard row
@@ -525,9 +568,11 @@ def make_batches(examples: list[Example], batch_size: int, rng: random.Random) -
     return batches
 
 
-def train(net, examples: list[Example], guard: list[Example], settings: Settings) -> list[float]:
-    """Trains the adapter on the examples, with settings.guard_batch guard rows in each step; returns the losses."""
-    compute_targets(net, (examples if settings.method == "distill" else []) + guard, settings)
+def train(net, examples: list[Example], guard: tuple[list, list, list], settings: Settings) -> list[float]:
+    """Trains the adapter on the examples, with guard rows (general, superlatives, years) in each step;
+    returns the losses."""
+    general, superlatives, years = guard  # years are rows of general
+    compute_targets(net, (examples if settings.method == "distill" else []) + general + superlatives, settings)
     autocast = autocast_for(net, settings)
     rng = random.Random(settings.seed)
     batches = [batch for _ in range(settings.epochs) for batch in make_batches(examples, settings.batch_size, rng)]
@@ -542,7 +587,7 @@ def train(net, examples: list[Example], guard: list[Example], settings: Settings
         lr = settings.lr * ((step + 1) / warmup if step < warmup else decay)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        guard_rows = [rng.choice(guard) for _ in range(settings.guard_batch)] if guard else []
+        guard_rows = draw_guard(general, superlatives, years, settings, rng)
         with autocast:  # the forward pass; backward runs outside, as autocast wants
             loss, on_guard = batch_loss(net, batch, guard_rows, settings)
             total = loss + settings.guard_weight * on_guard
@@ -570,14 +615,14 @@ def read_eval_file(path: str) -> list[dict]:
     items = []
     with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
             try:
-                item = json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8")) if line.strip() else {}
+                item = json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8"))
             except UnicodeDecodeError:
                 raise InputError(f"{path}, line {number}: not UTF-8 text") from None
             except ValueError:
                 item = None
-            if item == {}:
-                continue
             if not (isinstance(item, dict) and isinstance(item.get("question"), str) and item["question"].strip()
                     and isinstance(item.get("answers"), list) and item["answers"]
                     and all(isinstance(a, str) and a.strip() for a in item["answers"])):
@@ -695,7 +740,7 @@ def forgetting(net, prompts: Prompts, general_qa: list[dict], drift_prompts: lis
     questions = [x["question"] for x in general_qa]
     adapted = [prompts.decode(a) for a in closed_book(net, prompts, questions, settings, "retention")]
     with lora.lora_disabled(net):
-        base = [prompts.decode(a) for a in closed_book(net, prompts, questions, settings, "retention")]
+        base = [prompts.decode(a) for a in closed_book(net, prompts, questions, settings, "retention, base")]
         drift_ids = [prompts.student(p) for p in drift_prompts]
         drift_answers = generate_batched(net, drift_ids, settings.max_answer_tokens, prompts.chat.stop_ids,
                                          settings.generation_batch)
@@ -738,6 +783,8 @@ def read_document(path: str) -> str:
 
 
 def process_alive(pid: int) -> bool:
+    if os.name != "posix":  # elsewhere os.kill does not just ask
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -749,9 +796,8 @@ def process_alive(pid: int) -> bool:
 
 def start_output(out: str, force: bool) -> str:
     """Checks --out before any work, and makes the folder that the outputs are written into."""
-    full = os.path.abspath(out)
-    cwd = os.getcwd()
-    if cwd == full or cwd.startswith(full.rstrip(os.sep) + os.sep):
+    full, cwd = os.path.abspath(out), os.path.realpath(os.getcwd())
+    if cwd == os.path.realpath(full) or cwd.startswith(os.path.realpath(full).rstrip(os.sep) + os.sep):
         raise InputError(f"--out {out} is the folder you are in, or holds it; name a new folder")
     if os.path.exists(full) and not os.path.isdir(full):
         raise InputError(f"--out {out} is a file; it names the folder for the outputs")
@@ -877,11 +923,14 @@ def run(args, settings: Settings, document: str, eval_items: list[dict] | None, 
                                  settings, generator)
     examples = [Example(*prompts.teacher(passages[p], q), prompts.student(q), a) for p, q, _, a in pairs[held_out:]]
     general_qa, guard_prompts, drift_prompts = load_general(settings.seed)
-    guard = guard_examples(net, prompts, guard_prompts, settings) if settings.guard else []
+    superlatives = superlative_prompts(document) if settings.superlative_share else []
+    guard = guard_examples(net, prompts, guard_prompts + superlatives, settings) if settings.guard else []
+    general, superlatives = guard[:len(guard_prompts)], guard[len(guard_prompts):]
+    years = year_rows(general, document, prompts.decode)
 
     lora.inject_lora(net, settings.rank, settings.alpha, targets=settings.targets)
     with frozen_weights_in_bf16(net, settings):
-        losses = train(net, examples, guard, settings)
+        losses = train(net, examples, (general, superlatives, years), settings)
 
     name = "sft" if settings.method == "sft" else "distilled"
     if eval_items is None:  # no gold answers: agreement with the teacher's answers to held-out questions
@@ -900,7 +949,7 @@ def run(args, settings: Settings, document: str, eval_items: list[dict] | None, 
     epoch = len(losses) // settings.epochs
     report = {
         "doc": os.path.abspath(args.doc), "model": model_name, "settings": asdict(settings),
-        "passages": len(passages), "qa_pairs": len(pairs), "train_examples": len(examples), "guard_prompts": len(guard),
+        "passages": len(passages), "qa_pairs": len(pairs), "train_examples": len(examples), "guard_prompts": {"general": len(general), "superlatives": len(superlatives), "years": len(years)},
         "metric": "token F1 against the teacher's answer" if args.eval is None else "accuracy (gold answer contained)",
         "open_book": "the whole document" if len(open_book) == 1 else "the best-matching passage (retrieval)",
         "accuracy": accuracy, "forgetting": {k: v for k, v in forgot.items() if k != "answers"},
@@ -952,6 +1001,9 @@ def check_settings(s: Settings) -> None:
     for name in ("guard_weight", "question_temperature"):
         if not 0 <= getattr(s, name) < math.inf:
             raise InputError(f"{flag(name)} must be a number of at least 0")
+    if not (min(s.superlative_share, s.year_share) >= 0 and s.superlative_share + s.year_share <= 1):
+        raise InputError("--superlative-share and --year-share are shares of the guard's rows: "
+                         "each at least 0, together at most 1")
 
 
 def main() -> int:
@@ -978,7 +1030,8 @@ def main() -> int:
                         help="the linear layers that get an adapter (default: the seven projections; "
                              "add lm_head as the paper does)")
     for name in ("questions_per_passage", "passage_tokens", "rank", "alpha", "lr", "epochs", "batch_size",
-                 "temperature", "guard_weight", "guard_batch", "question_temperature", "generation_batch", "seed"):
+                 "temperature", "guard_weight", "guard_batch", "superlative_share", "year_share",
+                 "question_temperature", "generation_batch", "seed"):
         default = getattr(defaults, name)
         parser.add_argument(flag(name), type=type(default), default=default, help=f"default: {default}",
                             metavar="N" if isinstance(default, int) else "X")
@@ -992,8 +1045,8 @@ def main() -> int:
                 raise InputError(f"--{name} is empty")
         check_settings(settings)
         training = args.adapter is None and args.ask is None
-        if args.ask is not None and (args.eval is not None or args.doc is not None):
-            raise InputError("--ask answers one question closed book; it takes no --doc or --eval")
+        if args.ask is not None and (args.eval, args.doc, args.out) != (None, None, None):
+            raise InputError("--ask answers one question closed book; it takes no --doc, --eval or --out")
         if not training and args.ask is None and args.eval is None:
             raise InputError("--adapter needs one of --eval QA.jsonl and --ask QUESTION")
         if args.adapter is not None and not os.path.isfile(os.path.join(args.adapter, lora.CONFIG_NAME)):
@@ -1006,7 +1059,7 @@ def main() -> int:
         out = args.out
         if training and out is None:
             out = os.path.join("runs", os.path.splitext(os.path.basename(args.doc))[0])
-        tmp = start_output(out, args.force) if out is not None and args.ask is None else None
+        tmp = start_output(out, args.force) if out is not None else None
         if training:
             run(args, settings, document, items, tmp)
         else:

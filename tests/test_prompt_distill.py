@@ -4,6 +4,7 @@ training, scoring, the forgetting measures, bad input, and the pipeline end to e
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 
@@ -296,7 +297,7 @@ def test_the_learning_rate_warms_up_then_decays_to_zero(tiny_llama, monkeypatch)
     rates = []
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: rates.append(self.param_groups[0]["lr"]))
     examples = [pd.Example([], [3, i], [5, i], [7, 2]) for i in range(10, 30)]
-    pd.train(net, examples, [], pd.Settings(precision="fp32", epochs=2, batch_size=2, lr=1e-3, warmup=0.1, guard=False))
+    pd.train(net, examples, ([], [], []), pd.Settings(precision="fp32", epochs=2, batch_size=2, lr=1e-3, warmup=0.1, guard=False))
     assert len(rates) == 20 and rates[0] == pytest.approx(0.5e-3) and rates[1] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(rates[1:], rates[2:])) and rates[-1] < 0.01e-3
 
@@ -316,6 +317,44 @@ def test_bf16_autocast_training_sees_every_optimizer_step(tiny_llama):
                 logits.float().pow(2).mean().backward()
                 optimizer.step()
     assert not torch.allclose(before, logits.detach().float())
+
+
+@pytest.mark.parametrize("lm_head_adapted", [False, True])
+def test_frozen_weights_in_bf16_train_exactly_as_autocast_does_and_come_back(tiny_llama, lm_head_adapted):
+    """Autocast would cast the frozen weights at every use; cast once, they must give the same numbers."""
+    net, _, _ = m.load(tiny_llama[0])
+    lora.inject_lora(net, r=4, alpha=4, targets=lora.DEFAULT_TARGETS + (("lm_head",) if lm_head_adapted else ()))
+    perturb(net)
+    batch = [pd.Example([3], [4, 11], [5, 9], [6, 7, 2]), pd.Example([3], [12], [5, 6], [8, 2])]
+    guard = [pd.Example([], [5, 13, 14], [5, 13, 14], [6, 7, 2])]
+    bf16 = pd.Settings(precision="bf16")
+    parameters = {name: id(p) for name, p in net.named_parameters()}
+
+    def targets_and_step():
+        pd.compute_targets(net, batch + guard, bf16)
+        net.zero_grad()
+        with pd.autocast_for(net, bf16):
+            loss, on_guard = pd.batch_loss(net, batch, guard, bf16)
+        (loss + on_guard).backward()
+        return [e.target.clone() for e in batch + guard], loss.item(), [p.grad.clone() for p in lora.lora_parameters(net)]
+
+    plain = targets_and_step()
+    with pd.frozen_weights_in_bf16(net, bf16):
+        frozen = [mod.weight for mod in net.modules() if isinstance(mod, torch.nn.Linear) and not mod.weight.requires_grad]
+        assert len(frozen) == 2 * 7 + 1 and all(w.dtype == torch.bfloat16 for w in frozen)
+        assert net.model.embed_tokens.weight.dtype == torch.float32
+        assert all(p.dtype == torch.float32 for p in lora.lora_parameters(net))
+        cast = targets_and_step()
+    assert plain[1] == cast[1] > 0.01
+    for a, b in zip(plain[0] + plain[2], cast[0] + cast[2]):
+        assert torch.equal(a, b)
+    with pytest.raises(KeyboardInterrupt), pd.frozen_weights_in_bf16(net, bf16):
+        raise KeyboardInterrupt  # Ctrl-C in training: the float32 weights come back all the same
+    assert {name: id(p) for name, p in net.named_parameters()} == parameters  # the same Parameters, not copies
+    head = net.lm_head.base_layer if lm_head_adapted else net.lm_head
+    assert head.weight is net.model.embed_tokens.weight  # tied again
+    with pd.frozen_weights_in_bf16(net, FP32):  # no autocast: nothing to cast
+        assert all(p.dtype == torch.float32 for p in net.parameters())
 
 
 def test_the_same_seed_gives_the_same_adapter_byte_for_byte(tiny_run):
@@ -402,6 +441,50 @@ def test_drift_is_zero_for_a_fresh_adapter_and_grows_when_it_changes(tiny_llama)
     assert pd.drift(net, rows) == pytest.approx(0.0, abs=1e-7)
     perturb(net)
     assert pd.drift(net, rows) > 1e-4
+
+
+def test_superlative_prompts_ask_the_world_for_what_the_document_calls_the_highest_or_the_first():
+    document = ("Velmora was founded in 1847. Mount Ystrel, the highest mountain on the plateau, is 4,682 metres. "
+                "The oldest rowing boat of the town is kept in its first wooden dock. His most famous photograph "
+                "is called Blue Hour. The Highest Court of Velmora sits there.")
+    assert pd.superlative_prompts(document) == [
+        "What is the highest mountain in the world?", "What is the oldest rowing boat in the world?",
+        "What is the first wooden dock in the world?", "What is the most famous photograph in the world?"]
+    assert pd.superlative_prompts("The town of Velmora was founded in 1847 by Harriet Quell.") == []
+
+
+def test_words_that_only_end_like_a_superlative_neither_count_nor_hide_one():
+    document = "After the harvest festival is the oldest fair in town. The rest of the day the guest slept."
+    assert pd.superlative_prompts(document) == ["What is the oldest fair in the world?"]
+
+
+def test_year_rows_are_the_general_prompts_answered_with_a_year_for_a_document_with_years():
+    answers = {1: "The Berlin Wall fell in 1989.", 2: "There are 24 hours in a day.", 3: "In 2001, a 12345 ..."}
+    general = [pd.Example([], [i], [i], [i]) for i in answers]
+    decode = lambda ids: answers[ids[0]]
+    assert pd.year_rows(general, "The expedition sailed in 1978.", decode) == [general[0], general[2]]
+    assert pd.year_rows(general, "The expedition sailed in spring, 12 days and 2,150 metres.", decode) == []
+
+
+def test_guard_rows_are_superlatives_and_years_in_their_shares_of_the_draws():
+    general = [pd.Example([], [i], [i], [2]) for i in range(300)]
+    superlatives = [pd.Example([], [1000 + i], [1000 + i], [2]) for i in range(4)]
+    years = general[:10]  # general prompts whose base answer states a year
+    settings, rng = pd.Settings(guard_batch=2), random.Random(0)
+    rows = [id(row) for _ in range(4000) for row in pd.draw_guard(general, superlatives, years, settings, rng)]
+    assert len(rows) == 8000
+    superlative_ids, year_ids, general_ids = ({id(e) for e in pool} for pool in (superlatives, years, general))
+    drawn = [row for row in rows if row in superlative_ids]
+    assert len(drawn) / len(rows) == pytest.approx(settings.superlative_share, abs=0.02)
+    assert set(drawn) == superlative_ids  # each one drawn
+    # a year row also comes from the general draws, 10 times in 300
+    year_rate = settings.year_share + (1 - settings.superlative_share - settings.year_share) * 10 / 300
+    assert sum(row in year_ids for row in rows) / len(rows) == pytest.approx(year_rate, abs=0.02)
+    assert set(rows) - superlative_ids <= general_ids
+    # an empty pool's share goes to the general prompts
+    alone = [id(row) for _ in range(2000) for row in pd.draw_guard(general, [], [], settings, rng)]
+    assert set(alone) <= general_ids and sum(row in year_ids for row in alone) / len(alone) < 0.06
+    assert pd.draw_guard([], [], [], settings, rng) == []  # --no-guard
 
 
 def test_the_guard_and_drift_prompts_are_disjoint_and_neither_holds_a_retention_question():
@@ -515,8 +598,9 @@ def test_a_killed_runs_leftovers_are_cleaned_up_and_a_live_ones_kept(tmp_path):
 
 @pytest.mark.parametrize("flags, words", [
     (["--adapter", "x"], "needs one of --eval QA.jsonl and --ask"),
-    (["--ask", "Who?", "--eval", QA], "it takes no --doc or --eval"),
-    (["--ask", "Who?", "--doc", DOC], "it takes no --doc or --eval"),
+    (["--ask", "Who?", "--eval", QA], "it takes no --doc, --eval or --out"),
+    (["--ask", "Who?", "--doc", DOC], "it takes no --doc, --eval or --out"),
+    (["--ask", "Who?", "--out", "o"], "it takes no --doc, --eval or --out"),
     (["--adapter", "no such folder", "--ask", "Who?"], "no adapter in no such folder"),
     ([], "--doc is required"),
 ])
@@ -540,6 +624,8 @@ def test_adapter_evaluation_reads_its_eval_file_before_the_model_loads(tmp_path)
     (["--rank", "0"], "--rank must be at least 1"),
     (["--guard-weight", "-1"], "--guard-weight must be a number of at least 0"),
     (["--guard-batch", "0"], "--no-guard trains without the guard"),
+    (["--superlative-share", "1.5"], "--year-share"),
+    (["--superlative-share", "0.5", "--year-share", "0.6"], "together at most 1"),
 ])
 def test_a_setting_out_of_its_range_is_refused_before_any_work(tmp_path, flags, words):
     result = run_cli("--doc", DOC, "--out", str(tmp_path / "o"), "--model", str(tmp_path / "no model"), *flags)
@@ -615,6 +701,23 @@ def tiny_run(tiny_llama, tmp_path, monkeypatch):
     return run, out
 
 
+def test_the_documents_superlatives_join_the_guard_answered_by_the_base_model(tiny_run, tiny_llama, monkeypatch):
+    run, out = tiny_run
+    pools, train = [], pd.train
+    monkeypatch.setattr(pd, "train", lambda net, examples, guard, settings:
+                        pools.append(guard) or train(net, examples, guard, settings))
+    assert run("--no-blanks") == 0
+    assert json.load(open(out / "report.json"))["guard_prompts"]["superlatives"] == 4
+    assert run("--no-blanks", "--superlative-share", "0", "--force") == 0
+    (general, superlatives, _), (general_alone, none, _) = pools
+    _, tokenizer, chat = m.load(tiny_llama[0])
+    prompts = pd.Prompts(tokenizer, chat)
+    asked = pd.superlative_prompts(open(DOC).read())
+    assert [e.student for e in superlatives] == [prompts.student(q) for q in asked] and len(asked) == 4
+    assert all(e.teacher == e.student and not e.passage for e in superlatives)  # the base model teaches
+    assert [e.student for e in general] == [e.student for e in general_alone] and none == []
+
+
 def test_end_to_end_on_a_tiny_model_writes_adapter_qa_and_report(tiny_run, tiny_llama):
     run, out = tiny_run
     assert run("--eval", QA) == 0
@@ -678,7 +781,7 @@ def test_sft_baseline_reports_under_its_own_name(tiny_run):
     run, out = tiny_run
     assert run("--method", "sft", "--no-guard") == 0
     report = json.load(open(out / "report.json"))
-    assert "sft" in report["accuracy"] and report["settings"]["guard"] is False and report["guard_prompts"] == 0
+    assert "sft" in report["accuracy"] and report["settings"]["guard"] is False and report["guard_prompts"]["general"] == 0
 
 
 def test_nan_loss_stops_and_keeps_no_adapter(tiny_run, monkeypatch, capsys):
