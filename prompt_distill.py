@@ -474,11 +474,11 @@ YEAR = re.compile(r"\b(?:1[0-9]{3}|20[0-9]{2})\b")
 
 def superlative_prompts(document: str) -> list[str]:
     """'What is the highest mountain in the world?' for the document's 'the highest mountain on the plateau'."""
-    phrases = []
+    phrases, ends = [], STOPWORDS | PHRASE_ENDS
     for match in re.finditer(SUPERLATIVE, document):
         words = match.group(1).split()
         head = 2 if words[0] == "most" else 1
-        tail = list(itertools.takewhile(lambda w: w not in STOPWORDS | PHRASE_ENDS, words[head:]))
+        tail = list(itertools.takewhile(lambda w: w not in ends, words[head:]))
         if words[0] not in NOT_SUPERLATIVES and tail:
             phrases.append(" ".join(words[:head] + tail))
     return [f"What is the {p} in the world?" for p in dict.fromkeys(phrases)]
@@ -796,8 +796,8 @@ def process_alive(pid: int) -> bool:
 
 def start_output(out: str, force: bool) -> str:
     """Checks --out before any work, and makes the folder that the outputs are written into."""
-    full, cwd = os.path.abspath(out), os.path.realpath(os.getcwd())
-    if cwd == os.path.realpath(full) or cwd.startswith(os.path.realpath(full).rstrip(os.sep) + os.sep):
+    full, real, cwd = os.path.abspath(out), os.path.realpath(out), os.path.realpath(os.getcwd())
+    if cwd == real or cwd.startswith(real.rstrip(os.sep) + os.sep):
         raise InputError(f"--out {out} is the folder you are in, or holds it; name a new folder")
     if os.path.exists(full) and not os.path.isdir(full):
         raise InputError(f"--out {out} is a file; it names the folder for the outputs")
@@ -949,7 +949,8 @@ def run(args, settings: Settings, document: str, eval_items: list[dict] | None, 
     epoch = len(losses) // settings.epochs
     report = {
         "doc": os.path.abspath(args.doc), "model": model_name, "settings": asdict(settings),
-        "passages": len(passages), "qa_pairs": len(pairs), "train_examples": len(examples), "guard_prompts": {"general": len(general), "superlatives": len(superlatives), "years": len(years)},
+        "passages": len(passages), "qa_pairs": len(pairs), "train_examples": len(examples),
+        "guard_prompts": {"general": len(general), "superlatives": len(superlatives), "years": len(years)},
         "metric": "token F1 against the teacher's answer" if args.eval is None else "accuracy (gold answer contained)",
         "open_book": "the whole document" if len(open_book) == 1 else "the best-matching passage (retrieval)",
         "accuracy": accuracy, "forgetting": {k: v for k, v in forgot.items() if k != "answers"},
