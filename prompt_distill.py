@@ -3,10 +3,12 @@ Knowledge injection via prompt distillation (Kujanpää et al., arXiv 2412.14964
 
 1. The model, with a passage of the document in its prompt, writes questions about the passage; each
    name and number of the document, blanked out of its sentence, is asked about too.
-2. The teacher (the same model, the passage in its prompt) answers them.
+2. The teacher (the same model, the passage in its prompt) answers them; an answer that misses the
+   facts of the sentence it was asked about is replaced by that sentence.
 3. A student (the frozen model plus a LoRA adapter) sees only the question, and learns to match the
    teacher's next-token distributions on the answer tokens, by a temperature-scaled KL loss. A guard
-   mixes in general prompts on which the student matches the base model, so nothing else moves.
+   mixes in general prompts, most in the forms of the document's questions, on which the student
+   matches the base model, so nothing else moves.
 4. The student then answers closed book; the base model, closed and open book (as RAG), is the yardstick.
 
     python prompt_distill.py --doc data/lake_town.txt --eval data/lake_town.qa.jsonl
@@ -67,8 +69,7 @@ class Settings:
     guard: bool = True  # the forgetting guard
     guard_batch: int = 1  # general prompts mixed into each step
     guard_weight: float = 1.0  # of the guard's KL, against the document's loss
-    superlative_share: float = 0.25  # of the guard's rows: the document's superlatives, asked of the world
-    year_share: float = 0.2  # of the guard's rows, for a document with years: prompts answered with a year
+    form_share: float = 0.5  # of the guard's rows: general questions in the forms the document is asked in
     holdout: float = 0.1  # share of the generated questions held out for scoring, when there is no --eval
     generation_batch: int = 64  # rows decoded together at most
     precision: str = "auto"  # "bf16": train under bfloat16 autocast; "auto": where the CPU has bf16 units
@@ -294,7 +295,9 @@ def write_questions(net, prompts: Prompts, passages: list[str], settings: Settin
             seen.append(word_set(q))
             kept.append((index, q, fact))
         random.Random(settings.seed).shuffle(kept)
-        questions += kept[: settings.questions_per_passage]
+        # Each sentence's first phrasing before any sentence's second: the cap keeps every fact asked about.
+        nth = [sum(j[2] == k[2] for j in kept[:i]) for i, k in enumerate(kept)]  # k's phrasing of its sentence
+        questions += [k for _, k in sorted(zip(nth, kept), key=lambda x: x[0])][: settings.questions_per_passage]
     progress.close()
     return questions
 
@@ -320,6 +323,7 @@ def teacher_answers(net, prompts: Prompts, passages: list[str], asked: list[tupl
 # of each sentence is also blanked out, for the teacher to fill in from the passage.
 NAME_RUN = r"[A-Z][\w'\-]*(?: (?:of |the )?[A-Z][\w'\-]*)*"  # "the Museum of Lake Crafts"
 NAME_OR_NUMBER = re.compile(NAME_RUN + r"|\b\d[\d,.]*\d\b")
+BLANKS = ("Fill in the blank:", "Complete the sentence:")
 
 
 def blanked_questions(passages: list[str], document: str) -> list[tuple[int, str, str]]:
@@ -338,9 +342,9 @@ def blanked_questions(passages: list[str], document: str) -> list[tuple[int, str
                 if not names or min(spread[w] for w in names) > 4 or opening_word:
                     continue
                 before, after = sentence[:match.start()], sentence[match.start() + len(span):]
-                questions.append((index, f'Fill in the blank: "{before}___{after}"', sentence))
+                questions.append((index, f'{BLANKS[0]} "{before}___{after}"', sentence))
                 if len(before.split()) >= 3:
-                    questions.append((index, f'Complete the sentence: "{before.rstrip()} ..."', sentence))
+                    questions.append((index, f'{BLANKS[1]} "{before.rstrip()} ..."', sentence))
     return questions
 
 
@@ -357,6 +361,18 @@ def stated(question: str, answer: str, words: set[str]) -> set[str]:
     """The fact words an answer adds to its question: what the pair teaches. "Is Odessa Marchbank the
     mayor?" answered "Odessa Marchbank is the mayor." teaches nothing, and such pairs are dropped."""
     return (word_set(answer) - word_set(question)) & words
+
+
+def checked_answer(question: str, sentence: str, answer: list[int], words: set[str], prompts: Prompts):
+    """The teacher's answer if it states a fact of the sentence it was asked about, else the sentence itself,
+    which is right by construction (a 135M teacher fills a blanked name with another line); None when the
+    question leaves nothing of its sentence to state. The student learns facts in question form either way."""
+    facts = stated(question, sentence, words)
+    if not facts:
+        return None
+    plain = re.sub(r"^\s*(?:[-*+>]|#+)\s+|\*\*|__|`", "", sentence)  # a line of notes as plain text: no bullet, no markdown
+    return answer if stated(question, prompts.decode(answer), words) & facts else \
+        prompts.encode(plain) + prompts.chat.stop_ids[:1]
 
 
 # -----------------------------------------------------------------------------
@@ -460,44 +476,28 @@ os.environ.setdefault("LRU_CACHE_CAPACITY", "64")
 # -----------------------------------------------------------------------------
 # 4. Training
 
-# The guard's pools. What the document calls the highest or the first, and the years it gives, are what an
-# adapter most often carries into the world's answers ("Mount Ystrel" as the tallest mountain, penicillin
-# "discovered in 1978"); so a share of the guard's rows asks about exactly those forms. The lookahead keeps
-# a word that only looks like a superlative ("the harvest festival") from swallowing the one after it.
-SUPERLATIVE = r"\b(?i:the|its|his|her|their)\s+(?=((?:most\s+[a-z]+|[a-z]+est|first|last)(?:\s+[a-z]+){1,3}))"
-NOT_SUPERLATIVES = set("arrest behest bequest chest conquest contest crest digest forest guest harvest honest inquest "
-                       "interest invest jest manifest midwest modest nest northwest pest priest protest quest request "
-                       "rest southwest suggest test unrest vest west zest".split())
-PHRASE_ENDS = set("about above after against before during into over under through near since until ever".split())
-YEAR = re.compile(r"\b(?:1[0-9]{3}|20[0-9]{2})\b")
+ASKING = set("i me my we our you your can could will would should may might must do does did have has had "
+             "please tell whats".split())  # the words of asking, in questions of every form
 
 
-def superlative_prompts(document: str) -> list[str]:
-    """'What is the highest mountain in the world?' for the document's 'the highest mountain on the plateau'."""
-    phrases, ends = [], STOPWORDS | PHRASE_ENDS
-    for match in re.finditer(SUPERLATIVE, document):
-        words = match.group(1).split()
-        head = 2 if words[0] == "most" else 1
-        tail = list(itertools.takewhile(lambda w: w not in ends, words[head:]))
-        if words[0] not in NOT_SUPERLATIVES and tail:
-            phrases.append(" ".join(words[:head] + tail))
-    return [f"What is the {p} in the world?" for p in dict.fromkeys(phrases)]
+def form_weights(general: list[str], questions: list[str], document: str) -> list[int]:
+    """For each general prompt, how many of the document's questions share a word of its form: an adapter
+    carries the document into the world's answers in the forms it learned it in ("What is the capital of
+    ...?"), so the guard asks the world in those forms most. A form is a question less its stop words and
+    the document's names, each word cut to five letters ("founded", "founder")."""
+    names = word_set(" ".join(distinctive_terms(document)))
+    def form(text: str) -> set[str]:
+        return {w.removesuffix("s")[:5] for w in word_set(text) - STOPWORDS - ASKING - names}
+    forms = [form(q) for q in questions]
+    return [sum(bool(form(g) & f) for f in forms) for g in general]
 
 
-def year_rows(general: list, document: str, decode) -> list:
-    """The general rows whose base answer states a year, if the document states one."""
-    return [e for e in general if YEAR.search(decode(e.answer))] if YEAR.search(document) else []
-
-
-def draw_guard(general: list, superlatives: list, years: list, settings, rng: random.Random) -> list:
-    """A step's guard rows: a superlative with probability superlative_share, a prompt answered with a year
-    with probability year_share, else any general prompt; an empty pool's share goes to the general ones."""
+def draw_guard(general: list, weights: list[int], settings, rng: random.Random) -> list:
+    """A step's guard rows: with probability form_share drawn by form weight, else any general prompt."""
     rows = []
     for _ in range(settings.guard_batch if general else 0):
-        r = rng.random()
-        pool = (superlatives if r < settings.superlative_share else
-                years if r < settings.superlative_share + settings.year_share else [])
-        rows.append(rng.choice(pool or general))
+        by_form = rng.random() < settings.form_share and any(weights)
+        rows.append(rng.choices(general, weights)[0] if by_form else rng.choice(general))
     return rows
 
 
@@ -568,11 +568,9 @@ def make_batches(examples: list[Example], batch_size: int, rng: random.Random) -
     return batches
 
 
-def train(net, examples: list[Example], guard: tuple[list, list, list], settings: Settings) -> list[float]:
-    """Trains the adapter on the examples, with guard rows (general, superlatives, years) in each step;
-    returns the losses."""
-    general, superlatives, years = guard  # years are rows of general
-    compute_targets(net, (examples if settings.method == "distill" else []) + general + superlatives, settings)
+def train(net, examples: list[Example], guard: list[Example], weights: list[int], settings: Settings) -> list[float]:
+    """Trains the adapter on the examples, with guard rows drawn by draw_guard in each step; returns the losses."""
+    compute_targets(net, (examples if settings.method == "distill" else []) + guard, settings)
     autocast = autocast_for(net, settings)
     rng = random.Random(settings.seed)
     batches = [batch for _ in range(settings.epochs) for batch in make_batches(examples, settings.batch_size, rng)]
@@ -587,7 +585,7 @@ def train(net, examples: list[Example], guard: tuple[list, list, list], settings
         lr = settings.lr * ((step + 1) / warmup if step < warmup else decay)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        guard_rows = draw_guard(general, superlatives, years, settings, rng)
+        guard_rows = draw_guard(guard, weights, settings, rng)
         with autocast:  # the forward pass; backward runs outside, as autocast wants
             loss, on_guard = batch_loss(net, batch, guard_rows, settings)
             total = loss + settings.guard_weight * on_guard
@@ -881,17 +879,19 @@ def make_pairs(net, prompts: Prompts, passages: list[str], document: str, held_o
     """(passage index, question, sentence, answer ids) pairs, the held-out ones first, and their number.
     A pair is kept only if its answer states a fact of the document that its question does not."""
     words = fact_words(document)
-    asked = write_questions(net, prompts, passages, settings, generator)
-    answers = teacher_answers(net, prompts, passages, [(p, q) for p, q, _ in asked], settings, "answers")
-    pairs = [(p, q, s, a) for (p, q, s), a in zip(asked, answers) if stated(q, prompts.decode(a), words)]
+
+    def answered(asked: list[tuple[int, str, str]], stage: str) -> list[tuple[int, str, str, list[int]]]:
+        answers = teacher_answers(net, prompts, passages, [(p, q) for p, q, _ in asked], settings, stage)
+        checked = [checked_answer(q, s, a, words, prompts) for (_, q, s), a in zip(asked, answers)]
+        return [(p, q, s, a) for (p, q, s), a in zip(asked, checked) if a is not None]
+
+    pairs = answered(write_questions(net, prompts, passages, settings, generator), "answers")
     if len(pairs) < 4:
         raise InputError(f"the model wrote only {len(pairs)} usable questions about the document; is it prose?")
     random.Random(settings.seed).shuffle(pairs)
     held_out = math.ceil(held_out_share * len(pairs))
     if settings.blanks:  # trained on, never held out
-        asked = blanked_questions(passages, document)
-        answers = teacher_answers(net, prompts, passages, [(p, q) for p, q, _ in asked], settings, "blanks")
-        pairs += [(p, q, s, a) for (p, q, s), a in zip(asked, answers) if stated(q, prompts.decode(a), words)]
+        pairs += answered(blanked_questions(passages, document), "blanks")
     return pairs, held_out
 
 
@@ -923,14 +923,13 @@ def run(args, settings: Settings, document: str, eval_items: list[dict] | None, 
                                  settings, generator)
     examples = [Example(*prompts.teacher(passages[p], q), prompts.student(q), a) for p, q, _, a in pairs[held_out:]]
     general_qa, guard_prompts, drift_prompts = load_general(settings.seed)
-    superlatives = superlative_prompts(document) if settings.superlative_share else []
-    guard = guard_examples(net, prompts, guard_prompts + superlatives, settings) if settings.guard else []
-    general, superlatives = guard[:len(guard_prompts)], guard[len(guard_prompts):]
-    years = year_rows(general, document, prompts.decode)
+    guard = guard_examples(net, prompts, guard_prompts, settings) if settings.guard else []
+    asked = [q for _, q, _, _ in pairs[held_out:] if not q.startswith(BLANKS)]  # the model's own questions
+    weights = form_weights(guard_prompts, asked, document)
 
     lora.inject_lora(net, settings.rank, settings.alpha, targets=settings.targets)
     with frozen_weights_in_bf16(net, settings):
-        losses = train(net, examples, (general, superlatives, years), settings)
+        losses = train(net, examples, guard, weights, settings)
 
     name = "sft" if settings.method == "sft" else "distilled"
     if eval_items is None:  # no gold answers: agreement with the teacher's answers to held-out questions
@@ -950,7 +949,8 @@ def run(args, settings: Settings, document: str, eval_items: list[dict] | None, 
     report = {
         "doc": os.path.abspath(args.doc), "model": model_name, "settings": asdict(settings),
         "passages": len(passages), "qa_pairs": len(pairs), "train_examples": len(examples),
-        "guard_prompts": {"general": len(general), "superlatives": len(superlatives), "years": len(years)},
+        "guard_prompts": len(guard),  # and the 20 most drawn, by the weight of the document's forms:
+        "guard_forms": dict(sorted(((g, w) for g, w in zip(guard_prompts, weights) if w), key=lambda x: -x[1])[:20]),
         "metric": "token F1 against the teacher's answer" if args.eval is None else "accuracy (gold answer contained)",
         "open_book": "the whole document" if len(open_book) == 1 else "the best-matching passage (retrieval)",
         "accuracy": accuracy, "forgetting": {k: v for k, v in forgot.items() if k != "answers"},
@@ -1002,9 +1002,8 @@ def check_settings(s: Settings) -> None:
     for name in ("guard_weight", "question_temperature"):
         if not 0 <= getattr(s, name) < math.inf:
             raise InputError(f"{flag(name)} must be a number of at least 0")
-    if not (min(s.superlative_share, s.year_share) >= 0 and s.superlative_share + s.year_share <= 1):
-        raise InputError("--superlative-share and --year-share are shares of the guard's rows: "
-                         "each at least 0, together at most 1")
+    if not 0 <= s.form_share <= 1:
+        raise InputError("--form-share is a share of the guard's rows, from 0 to 1")
 
 
 def main() -> int:
@@ -1031,7 +1030,7 @@ def main() -> int:
                         help="the linear layers that get an adapter (default: the seven projections; "
                              "add lm_head as the paper does)")
     for name in ("questions_per_passage", "passage_tokens", "rank", "alpha", "lr", "epochs", "batch_size",
-                 "temperature", "guard_weight", "guard_batch", "superlative_share", "year_share",
+                 "temperature", "guard_weight", "guard_batch", "form_share",
                  "question_temperature", "generation_batch", "seed"):
         default = getattr(defaults, name)
         parser.add_argument(flag(name), type=type(default), default=default, help=f"default: {default}",

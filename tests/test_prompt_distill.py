@@ -209,6 +209,42 @@ def test_a_pair_teaches_the_fact_words_its_answer_adds_to_its_question():
     assert pd.stated("Is Odessa Marchbank the mayor?", "Odessa Marchbank is the mayor.", words) == set()
 
 
+def test_an_answer_that_misses_its_sentences_facts_is_replaced_by_the_sentence(default_model):
+    _, tokenizer, chat = default_model
+    prompts = pd.Prompts(tokenizer, chat)
+    sentence = "Priya Vellacott presented the accounts to the board."
+    words, end = pd.fact_words(sentence), chat.stop_ids[:1]
+    right, wrong = prompts.encode("Priya Vellacott.") + end, prompts.encode("The meeting was on 11 March.") + end
+    asked = "Who presented the accounts to the board?"
+    assert pd.checked_answer(asked, sentence, right, words, prompts) == right
+    assert pd.checked_answer(asked, sentence, wrong, words, prompts) == prompts.encode(sentence) + end
+    blank = 'Fill in the blank: "___ presented the accounts to the board."'  # "the board" fills no blank
+    assert pd.checked_answer(blank, sentence, prompts.encode("The board.") + end, words, prompts) == \
+        prompts.encode(sentence) + end
+    # a question that already says all its sentence says has nothing to teach
+    assert pd.checked_answer(f"Is it true that {sentence}", sentence, right, words, prompts) is None
+
+
+def test_every_sentence_is_asked_about_once_before_any_is_asked_twice(default_model, monkeypatch):
+    _, tokenizer, chat = default_model
+    prompts = pd.Prompts(tokenizer, chat)
+    phrasings = {"Marchbank": ["Who is the mayor of Quillmere?", "What does Odessa Marchbank do?"],
+                 "ferry": ["Where does the ferry to Pellow Island go from?", "How often does the Pellow Island ferry run?"],
+                 "Saltreed": ["When was the Saltreed Bridge built?", "What was built over the Saltreed in 1887?"],
+                 "Tavish": ["Who keeps the Greywillow Lighthouse?", "What is Tavish Orr's job?"]}
+    passage = ("Odessa Marchbank is the mayor of Quillmere. The ferry to Pellow Island runs nine times a day. "
+               "The Saltreed Bridge was built in 1887. Tavish Orr keeps the Greywillow Lighthouse.")
+
+    def generate(net, requests, *args, **kwargs):  # each sentence's phrasings in turn
+        asked = [next(k for k in phrasings if k in prompts.decode(r)) for r in requests]
+        return [prompts.encode(phrasings[k][asked[:i].count(k) % 2]) for i, k in enumerate(asked)]
+    monkeypatch.setattr(pd, "generate_batched", generate)
+    for seed in range(5):
+        settings = pd.Settings(questions_per_passage=4, seed=seed)  # 8 questions written, 4 kept
+        kept = pd.write_questions(None, prompts, [passage], settings, None)
+        assert len(kept) == 4 and len({sentence for _, _, sentence in kept}) == 4
+
+
 def test_generation_batches_are_even_and_their_kv_cache_fits_the_budget(tiny_llama, monkeypatch):
     net, _, _ = m.load(tiny_llama[0])
     prompts = [[5 + i % 7, 6, 7 + i % 3] for i in range(77)]
@@ -297,7 +333,7 @@ def test_the_learning_rate_warms_up_then_decays_to_zero(tiny_llama, monkeypatch)
     rates = []
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: rates.append(self.param_groups[0]["lr"]))
     examples = [pd.Example([], [3, i], [5, i], [7, 2]) for i in range(10, 30)]
-    pd.train(net, examples, ([], [], []), pd.Settings(precision="fp32", epochs=2, batch_size=2, lr=1e-3, warmup=0.1, guard=False))
+    pd.train(net, examples, [], [], pd.Settings(precision="fp32", epochs=2, batch_size=2, lr=1e-3, warmup=0.1, guard=False))
     assert len(rates) == 20 and rates[0] == pytest.approx(0.5e-3) and rates[1] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(rates[1:], rates[2:])) and rates[-1] < 0.01e-3
 
@@ -443,48 +479,29 @@ def test_drift_is_zero_for_a_fresh_adapter_and_grows_when_it_changes(tiny_llama)
     assert pd.drift(net, rows) > 1e-4
 
 
-def test_superlative_prompts_ask_the_world_for_what_the_document_calls_the_highest_or_the_first():
-    document = ("Velmora was founded in 1847. Mount Ystrel, the highest mountain on the plateau, is 4,682 metres. "
-                "The oldest rowing boat of the town is kept in its first wooden dock. His most famous photograph "
-                "is called Blue Hour. The Highest Court of Velmora sits there.")
-    assert pd.superlative_prompts(document) == [
-        "What is the highest mountain in the world?", "What is the oldest rowing boat in the world?",
-        "What is the first wooden dock in the world?", "What is the most famous photograph in the world?"]
-    assert pd.superlative_prompts("The town of Velmora was founded in 1847 by Harriet Quell.") == []
+def test_form_weights_count_the_documents_questions_that_share_a_word_of_the_prompts_form():
+    document = "Velmora is the capital of Ostrane. It was founded in 1847 by Harriet Quell."
+    asked = ["What is the capital of Ostrane?", "Who founded Velmora?", "Who was the founder of the Velmora Museum?",
+             "In what year was Velmora founded?"]
+    general = ["What is the capital of Italy?", "Who founded the company Microsoft?",
+               "In what year did the Titanic sink?", "Write a haiku about autumn.", "Where is Velmora?"]
+    # "founded" and "founder" are one form; the document's own names ("Velmora") are no form
+    assert pd.form_weights(general, asked, document) == [1, 3, 1, 0, 0]
 
 
-def test_words_that_only_end_like_a_superlative_neither_count_nor_hide_one():
-    document = "After the harvest festival is the oldest fair in town. The rest of the day the guest slept."
-    assert pd.superlative_prompts(document) == ["What is the oldest fair in the world?"]
-
-
-def test_year_rows_are_the_general_prompts_answered_with_a_year_for_a_document_with_years():
-    answers = {1: "The Berlin Wall fell in 1989.", 2: "There are 24 hours in a day.", 3: "In 2001, a 12345 ..."}
-    general = [pd.Example([], [i], [i], [i]) for i in answers]
-    decode = lambda ids: answers[ids[0]]
-    assert pd.year_rows(general, "The expedition sailed in 1978.", decode) == [general[0], general[2]]
-    assert pd.year_rows(general, "The expedition sailed in spring, 12 days and 2,150 metres.", decode) == []
-
-
-def test_guard_rows_are_superlatives_and_years_in_their_shares_of_the_draws():
-    general = [pd.Example([], [i], [i], [2]) for i in range(300)]
-    superlatives = [pd.Example([], [1000 + i], [1000 + i], [2]) for i in range(4)]
-    years = general[:10]  # general prompts whose base answer states a year
+def test_guard_rows_are_drawn_by_form_weight_in_their_share_and_uniformly_otherwise():
+    general = [pd.Example([], [i], [i], [2]) for i in range(100)]
+    weights = [3, 1] + [0] * 98
     settings, rng = pd.Settings(guard_batch=2), random.Random(0)
-    rows = [id(row) for _ in range(4000) for row in pd.draw_guard(general, superlatives, years, settings, rng)]
+    rows = [general.index(row) for _ in range(4000) for row in pd.draw_guard(general, weights, settings, rng)]
     assert len(rows) == 8000
-    superlative_ids, year_ids, general_ids = ({id(e) for e in pool} for pool in (superlatives, years, general))
-    drawn = [row for row in rows if row in superlative_ids]
-    assert len(drawn) / len(rows) == pytest.approx(settings.superlative_share, abs=0.02)
-    assert set(drawn) == superlative_ids  # each one drawn
-    # a year row also comes from the general draws, 10 times in 300
-    year_rate = settings.year_share + (1 - settings.superlative_share - settings.year_share) * 10 / 300
-    assert sum(row in year_ids for row in rows) / len(rows) == pytest.approx(year_rate, abs=0.02)
-    assert set(rows) - superlative_ids <= general_ids
-    # an empty pool's share goes to the general prompts
-    alone = [id(row) for _ in range(2000) for row in pd.draw_guard(general, [], [], settings, rng)]
-    assert set(alone) <= general_ids and sum(row in year_ids for row in alone) / len(alone) < 0.06
-    assert pd.draw_guard([], [], [], settings, rng) == []  # --no-guard
+    expected = settings.form_share * 3 / 4 + (1 - settings.form_share) / 100
+    assert rows.count(0) / len(rows) == pytest.approx(expected, abs=0.02)
+    assert len(set(rows)) == 100  # the rest still come up
+    # no prompt in the document's forms: every row is uniform
+    flat = [general.index(row) for _ in range(2000) for row in pd.draw_guard(general, [0] * 100, settings, rng)]
+    assert flat.count(0) / len(flat) < 0.03
+    assert pd.draw_guard([], [], settings, rng) == []  # --no-guard
 
 
 def test_the_guard_and_drift_prompts_are_disjoint_and_neither_holds_a_retention_question():
@@ -624,8 +641,8 @@ def test_adapter_evaluation_reads_its_eval_file_before_the_model_loads(tmp_path)
     (["--rank", "0"], "--rank must be at least 1"),
     (["--guard-weight", "-1"], "--guard-weight must be a number of at least 0"),
     (["--guard-batch", "0"], "--no-guard trains without the guard"),
-    (["--superlative-share", "1.5"], "--year-share"),
-    (["--superlative-share", "0.5", "--year-share", "0.6"], "together at most 1"),
+    (["--form-share", "1.5"], "--form-share"),
+    (["--form-share", "-0.1"], "from 0 to 1"),
 ])
 def test_a_setting_out_of_its_range_is_refused_before_any_work(tmp_path, flags, words):
     result = run_cli("--doc", DOC, "--out", str(tmp_path / "o"), "--model", str(tmp_path / "no model"), *flags)
@@ -701,21 +718,22 @@ def tiny_run(tiny_llama, tmp_path, monkeypatch):
     return run, out
 
 
-def test_the_documents_superlatives_join_the_guard_answered_by_the_base_model(tiny_run, tiny_llama, monkeypatch):
+def test_the_guard_is_the_base_models_answers_weighted_by_the_documents_question_forms(tiny_run, tiny_llama,
+                                                                                        monkeypatch):
     run, out = tiny_run
-    pools, train = [], pd.train
-    monkeypatch.setattr(pd, "train", lambda net, examples, guard, settings:
-                        pools.append(guard) or train(net, examples, guard, settings))
-    assert run("--no-blanks") == 0
-    assert json.load(open(out / "report.json"))["guard_prompts"]["superlatives"] == 4
-    assert run("--no-blanks", "--superlative-share", "0", "--force") == 0
-    (general, superlatives, _), (general_alone, none, _) = pools
+    drawn, train = [], pd.train
+    monkeypatch.setattr(pd, "train", lambda net, examples, guard, weights, settings:
+                        drawn.append((examples, guard, weights)) or train(net, examples, guard, weights, settings))
+    assert run() == 0
+    (examples, guard, weights), = drawn
     _, tokenizer, chat = m.load(tiny_llama[0])
     prompts = pd.Prompts(tokenizer, chat)
-    asked = pd.superlative_prompts(open(DOC).read())
-    assert [e.student for e in superlatives] == [prompts.student(q) for q in asked] and len(asked) == 4
-    assert all(e.teacher == e.student and not e.passage for e in superlatives)  # the base model teaches
-    assert [e.student for e in general] == [e.student for e in general_alone] and none == []
+    _, guard_prompts, _ = pd.load_general(0)
+    assert [e.student for e in guard] == [prompts.student(g) for g in guard_prompts]
+    assert all(e.teacher == e.student and not e.passage for e in guard)  # the base model teaches
+    pairs = [json.loads(line) for line in open(out / "qa.jsonl")]
+    own = [p["question"] for p in pairs if not p["held_out"] and not p["question"].startswith(pd.BLANKS)]
+    assert own and weights == pd.form_weights(guard_prompts, own, open(DOC).read())
 
 
 def test_end_to_end_on_a_tiny_model_writes_adapter_qa_and_report(tiny_run, tiny_llama):
@@ -781,7 +799,7 @@ def test_sft_baseline_reports_under_its_own_name(tiny_run):
     run, out = tiny_run
     assert run("--method", "sft", "--no-guard") == 0
     report = json.load(open(out / "report.json"))
-    assert "sft" in report["accuracy"] and report["settings"]["guard"] is False and report["guard_prompts"]["general"] == 0
+    assert "sft" in report["accuracy"] and report["settings"]["guard"] is False and report["guard_prompts"] == 0
 
 
 def test_nan_loss_stops_and_keeps_no_adapter(tiny_run, monkeypatch, capsys):
