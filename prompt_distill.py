@@ -370,7 +370,8 @@ def checked_answer(question: str, sentence: str, answer: list[int], words: set[s
     facts = stated(question, sentence, words)
     if not facts:
         return None
-    plain = re.sub(r"^\s*(?:[-*+>]|#+)\s+|\*\*|__|`", "", sentence)  # a line of notes as plain text: no bullet, no markdown
+    # a line of notes as plain text: no bullet, heading mark or markdown emphasis
+    plain = re.sub(r"^\s*(?:[-*+>]|#+)\s+|\*\*|__|`", "", sentence)
     return answer if stated(question, prompts.decode(answer), words) & facts else \
         prompts.encode(plain) + prompts.chat.stop_ids[:1]
 
