@@ -36,7 +36,7 @@ def load(folder: str) -> dict:
     forgot = report["forgetting"]
     n_general = len(report["general_answers"])
     return {
-        "folder": folder, "doc": os.path.splitext(os.path.basename(report["doc"]))[0],
+        "folder": folder, "doc": "+".join(os.path.splitext(os.path.basename(d["path"]))[0] for d in report["documents"]),
         "seed": report["settings"]["seed"], "method": report["settings"]["method"], "name": name,
         "golds": [e["answers"] for e in report["eval"]],
         "adapted": [is_correct(e[name], e["answers"]) for e in report["eval"]],

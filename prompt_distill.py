@@ -12,13 +12,16 @@ Knowledge injection via prompt distillation (Kujanpää et al., arXiv 2412.14964
 4. The student then answers closed book; the base model, closed and open book (as RAG), is the yardstick.
 
     python prompt_distill.py --doc data/lake_town.txt --eval data/lake_town.qa.jsonl
-    python prompt_distill.py --doc notes.txt --method sft       # the baseline: fine-tuning on the same pairs
+    python prompt_distill.py --doc notes/                       # every .txt and .md file, one adapter
+    python prompt_distill.py --doc notes/ --pairs runs/notes/qa.jsonl --method sft   # the baseline, same pairs
+    python prompt_distill.py --adapter runs/notes --doc new.md --out runs/notes2    # grow: learn one more
     python prompt_distill.py --adapter runs/lake_town --ask "Who founded Quillmere?"
 """
 
 import argparse
 import contextlib
 import ctypes
+import hashlib
 import itertools
 import json
 import math
@@ -60,7 +63,7 @@ class Settings:
     rank: int = 32  # of the LoRA matrices; 64 learned no more, and drifted further
     alpha: float = 32.0  # the update is scaled by alpha / rank
     targets: tuple = lora.DEFAULT_TARGETS  # the linear layers that get an adapter
-    lr: float = 1e-3  # peak; a larger model wants less (3e-4 for a 0.5B one)
+    lr: float | None = None  # peak; None: from the model's size (lr_for), 1e-3 for the default model
     weight_decay: float = 0.1  # AdamW's, on the adapter only
     epochs: int = 4  # more learned more, past 10 minutes a run on 2 cores
     batch_size: int = 4  # questions a step
@@ -70,10 +73,19 @@ class Settings:
     guard_batch: int = 1  # general prompts mixed into each step
     guard_weight: float = 1.0  # of the guard's KL, against the document's loss
     form_share: float = 0.5  # of the guard's rows: general questions in the forms the document is asked in
+    replay_batch: int = 2  # earlier documents' pairs mixed into each step when an adapter grows; 0: none
     holdout: float = 0.1  # share of the generated questions held out for scoring, when there is no --eval
     generation_batch: int = 64  # rows decoded together at most
     precision: str = "auto"  # "bf16": train under bfloat16 autocast; "auto": where the CPU has bf16 units
     seed: int = 0  # of the questions, the batches and the adapter's first weights: same seed, same adapter
+
+
+def lr_for(net) -> float:
+    """1e-3 for SmolLM2-135M, whose 106M parameters outside the embeddings it suits, and in inverse
+    proportion to that count above it: 1e-3 made a 358M model drift 7x further than 3e-4, which it gives,
+    at the same score on the document (MEASUREMENTS.md); for an 8B model it gives the paper's 1e-5 or so."""
+    body = sum(p.numel() for name, p in net.named_parameters() if "embed_tokens" not in name and "lm_head" not in name)
+    return float(f"{1e-3 * min(1.0, 106e6 / body):.1g}")
 
 
 # -----------------------------------------------------------------------------
@@ -326,18 +338,18 @@ NAME_OR_NUMBER = re.compile(NAME_RUN + r"|\b\d[\d,.]*\d\b")
 BLANKS = ("Fill in the blank:", "Complete the sentence:")
 
 
-def blanked_questions(passages: list[str], document: str) -> list[tuple[int, str, str]]:
+def blanked_questions(passages: list[str], doc_of: list[int], documents: list[str]) -> list[tuple[int, str, str]]:
     """(passage index, question, sentence) for each run of capitalised words that holds a name of the
-    document, and each number of two digits or more; a name in more than four sentences is what the
-    document is about ("Quillmere"), not a fact, and stays."""
-    terms = distinctive_terms(document)
-    spread = {t: sum(t in s for s in sentences(document)) for t in terms}
+    passage's document, and each number of two digits or more; a name in more than four sentences is what
+    the document is about ("Quillmere"), not a fact, and stays."""
+    spreads = [{t: sum(t in s for s in sentences(d)) for t in distinctive_terms(d)} for d in documents]
     questions = []
     for index, passage in enumerate(passages):
+        spread = spreads[doc_of[index]]  # term -> sentences of the document that hold it
         for sentence in sentences(passage):
             for match in NAME_OR_NUMBER.finditer(sentence):
                 span = match.group(0).rstrip(".,")
-                names = [w.removesuffix("'s") for w in span.split() if w.removesuffix("'s") in terms]
+                names = [w.removesuffix("'s") for w in span.split() if w.removesuffix("'s") in spread]
                 opening_word = match.start() == 0 and " " not in span and not span[0].isdigit()  # "Because"
                 if not names or min(spread[w] for w in names) > 4 or opening_word:
                     continue
@@ -569,9 +581,12 @@ def make_batches(examples: list[Example], batch_size: int, rng: random.Random) -
     return batches
 
 
-def train(net, examples: list[Example], guard: list[Example], weights: list[int], settings: Settings) -> list[float]:
-    """Trains the adapter on the examples, with guard rows drawn by draw_guard in each step; returns the losses."""
-    compute_targets(net, (examples if settings.method == "distill" else []) + guard, settings)
+def train(net, examples: list[Example], guard: list[Example], weights: list[int], settings: Settings,
+          replay: list[Example] = ()) -> list[float]:
+    """Trains the adapter on the examples, with guard rows drawn by draw_guard in each step and, when it
+    grows, replay_batch of the earlier documents' pairs, so that it keeps them; returns the losses."""
+    replay = list(replay)
+    compute_targets(net, (examples + replay if settings.method == "distill" else []) + guard, settings)
     autocast = autocast_for(net, settings)
     rng = random.Random(settings.seed)
     batches = [batch for _ in range(settings.epochs) for batch in make_batches(examples, settings.batch_size, rng)]
@@ -587,8 +602,9 @@ def train(net, examples: list[Example], guard: list[Example], weights: list[int]
         for group in optimizer.param_groups:
             group["lr"] = lr
         guard_rows = draw_guard(guard, weights, settings, rng)
+        replayed = rng.sample(replay, min(settings.replay_batch, len(replay))) if replay else []
         with autocast:  # the forward pass; backward runs outside, as autocast wants
-            loss, on_guard = batch_loss(net, batch, guard_rows, settings)
+            loss, on_guard = batch_loss(net, batch + replayed, guard_rows, settings)
             total = loss + settings.guard_weight * on_guard
         total.backward()
         norm = torch.nn.utils.clip_grad_norm_(lora.lora_parameters(net), 1.0).item()
@@ -626,7 +642,7 @@ def read_eval_file(path: str) -> list[dict]:
                     and isinstance(item.get("answers"), list) and item["answers"]
                     and all(isinstance(a, str) and a.strip() for a in item["answers"])):
                 raise InputError(f'{path}, line {number}: expected {{"question": "...", "answers": ["...", ...]}}')
-            items.append({"question": item["question"], "answers": item["answers"]})
+            items.append({"eval": path, "question": item["question"], "answers": item["answers"]})
     if not items:
         raise InputError(f"{path} holds no questions")
     return items
@@ -670,7 +686,8 @@ def closed_book(net, prompts: Prompts, questions: list[str], settings: Settings,
 def evaluate(net, prompts: Prompts, items: list[dict], passages: list[str] | None, name: str, settings: Settings,
              by_f1: bool = False) -> tuple[list[dict], dict]:
     """Each question answered by the adapter, and by the base model closed book and (given passages) open
-    book; returns the answers and each condition's accuracy (token F1 with by_f1)."""
+    book; returns the answers, and each condition's accuracy (token F1 with by_f1) by eval file, and pooled
+    over the files when there are several."""
     questions = [x["question"] for x in items]
     answers = {name: closed_book(net, prompts, questions, settings, name)}
     with lora.lora_disabled(net):
@@ -680,11 +697,15 @@ def evaluate(net, prompts: Prompts, items: list[dict], passages: list[str] | Non
                                                    [(best_passage(passages, q), q) for q in questions], settings,
                                                    "open book")
     answers = {k: [prompts.decode(a) for a in v] for k, v in answers.items()}
-    entries = [{"question": x["question"], "answers": x["answers"], **{k: v[i] for k, v in answers.items()}}
-               for i, x in enumerate(items)]
+    entries = [{**x, **{k: v[i] for k, v in answers.items()}} for i, x in enumerate(items)]
     score = (lambda a, g: token_f1(a, g[0])) if by_f1 else is_correct
-    accuracy = {k: sum(map(score, v, [x["answers"] for x in items])) / len(items) for k, v in answers.items()}
-    return entries, accuracy
+    groups = {}
+    for e in entries:
+        groups.setdefault(e["eval"], []).append(e)
+    if len(groups) > 1:
+        groups["pooled"] = entries
+    return entries, {g: {k: sum(score(e[k], e["answers"]) for e in rows) / len(rows) for k in answers}
+                     for g, rows in groups.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -763,9 +784,27 @@ def forgetting(net, prompts: Prompts, general_qa: list[dict], drift_prompts: lis
 RUN_FILES = {lora.CONFIG_NAME, lora.WEIGHTS_NAME, "qa.jsonl", "report.json"}
 
 
+def document_files(paths: list[str]) -> list[str]:
+    """The files --doc names: each file, and each folder's .txt and .md files, recursively, in sorted order;
+    hidden files and folders (.git, .obsidian) are left out."""
+    files = []
+    for path in paths:
+        if not os.path.isdir(path):
+            files.append(path)
+            continue
+        found = []
+        for folder, subfolders, names in os.walk(path):
+            subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+            found += [os.path.join(folder, n) for n in names if n.endswith((".txt", ".md")) and not n.startswith(".")]
+        if not found:
+            raise InputError(f"{path} holds no .txt or .md file" + ("" if os.listdir(path) else " (it is empty)"))
+        files += sorted(found)
+    return list(dict.fromkeys(os.path.normpath(f) for f in files))  # each file once
+
+
 def read_document(path: str) -> str:
-    if os.path.isdir(path):
-        raise InputError(f"{path} is a folder; --doc takes one text file")
+    """A document's text; a file that is not UTF-8 text stops the run, even among good ones: an adapter
+    that silently lacked a note would be worse than one line to fix before any work."""
     if not os.path.isfile(path):
         raise InputError(f"document not found: {path}")
     with open(path, "rb") as f:
@@ -779,6 +818,72 @@ def read_document(path: str) -> str:
     if not text.strip():
         raise InputError(f"{path} is empty")
     return text.replace("\r\n", "\n").strip()
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def model_name(args) -> str:
+    return os.path.abspath(args.model) if args.model is not None else gguf_model.DEFAULT_NAME
+
+
+PAIR_FIELDS = {"passage_sha256": str, "question": str, "answer": str, "answer_ids": list, "held_out": bool}
+
+
+def read_pairs(path: str) -> list[tuple[int, dict]]:
+    """(line number, pair) for each line of a run's qa.jsonl, checked."""
+    if not os.path.isfile(path):
+        raise InputError(f"pairs file not found: {path}")
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in filter(lambda x: x[1].strip(), enumerate(f, 1)):
+            with contextlib.suppress(ValueError):
+                pair = json.loads(line)
+                if isinstance(pair, dict) and all(isinstance(pair.get(k), t) for k, t in PAIR_FIELDS.items()):
+                    pairs.append((number, pair))
+                    continue
+            raise InputError(f"{path}, line {number}: not a pair of a run's qa.jsonl")
+    if not pairs:
+        raise InputError(f"{path} holds no pairs")
+    return pairs
+
+
+def pairs_in(lines: list[tuple[int, dict]], path: str, passages: list[str], prompts: Prompts) -> tuple[list, int]:
+    """read_pairs' pairs as make_pairs gives them, the held-out ones first, each found among these passages."""
+    where = {digest(p)[:16]: i for i, p in enumerate(passages)}
+    held, trained = [], []
+    for number, pair in lines:
+        if pair["passage_sha256"] not in where:
+            raise InputError(f"{path}, line {number}: its passage, of {pair.get('doc', 'another document')}, is not "
+                             f"in the documents given (or --passage-tokens differs)")
+        ids = pair["answer_ids"]
+        if prompts.decode(ids) != pair["answer"]:  # an answer edited by hand, or another model's tokens
+            ids = prompts.encode(pair["answer"]) + prompts.chat.stop_ids[:1]
+        row = (where[pair["passage_sha256"]], pair["question"], pair.get("sentence", ""), ids)
+        (held if pair["held_out"] else trained).append(row)
+    return held + trained, len(held)
+
+
+def earlier_documents(adapter: str, model: str | None) -> list[tuple[str, str]]:
+    """(path, text) of each document an adapter learned, as its run's report.json lists them, unchanged since;
+    none if it has no such report (PEFT's adapters). Refuses an adapter of another model, when one is given."""
+    try:
+        with open(os.path.join(adapter, "report.json"), encoding="utf-8") as f:
+            report = json.load(f)
+        listed = [(d["path"], d["sha256"]) for d in report["documents"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    if model is not None and report.get("model") != model:
+        raise InputError(f"--adapter {adapter} was trained on {report.get('model')}, not {model}")
+    documents = []
+    for path, sha256 in listed:
+        if not os.path.isfile(path):
+            raise InputError(f"{path}, a document of --adapter {adapter}, is gone; its pairs are replayed from it")
+        if digest(text := read_document(path)) != sha256:
+            raise InputError(f"{path} has changed since --adapter {adapter} learned it")
+        documents.append((path, text))
+    return documents
 
 
 def process_alive(pid: int) -> bool:
@@ -851,9 +956,12 @@ def print_table(rows: list[tuple]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def print_results(accuracy: dict, forgot: dict, metric: str) -> None:
-    names = {"closed_book": "closed book (base)", "open_book": "open book (base + document)"}
-    print_table([("condition", metric)] + [(names.get(k, f"closed book ({k})"), f"{v:.2f}") for k, v in accuracy.items()])
+def print_results(by_eval: dict, entries: list[dict], forgot: dict, metric: str) -> None:
+    names = {"closed_book": "base, closed book", "open_book": "base, open book"}
+    conditions = list(next(iter(by_eval.values())))
+    counts = {g: sum(e["eval"] == g for e in entries) or len(entries) for g in by_eval}  # "pooled": all of them
+    print_table([(metric, "questions", *(names.get(k, f"{k}, closed book") for k in conditions))]
+                + [(g, counts[g], *(f"{a[k]:.2f}" for k in conditions)) for g, a in by_eval.items()])
     print()
     print_table([("forgetting", "base", "adapted"),
                  ("retention (general questions)", f"{forgot['retention_base']:.2f}", f"{forgot['retention_adapted']:.2f}"),
@@ -865,8 +973,12 @@ def print_results(accuracy: dict, forgot: dict, metric: str) -> None:
 
 
 def load_model(args, settings: Settings):
-    """(net, prompts): --model, or the default model, converted once from its GGUF file."""
+    """(net, prompts): --model, a folder or a GGUF file, or the default model; GGUF files are converted once."""
     path = args.model if args.model is not None else gguf_model.default_model_dir()
+    if path.endswith(".gguf"):
+        path = gguf_model.gguf_model_dir(path)
+    elif not os.path.isdir(path):
+        raise InputError(f"--model {args.model} is neither a model folder nor a .gguf file")
     dtype = torch.float32 if settings.precision == "fp32" else None  # None: bfloat16 on a GPU, else float32
     net, tokenizer, chat = m.load(path, device=args.device, dtype=dtype)
     return net, Prompts(tokenizer, chat)
@@ -875,15 +987,16 @@ def load_model(args, settings: Settings):
 # -----------------------------------------------------------------------------
 # The pipeline
 
-def make_pairs(net, prompts: Prompts, passages: list[str], document: str, held_out_share: float,
-               settings: Settings, generator) -> tuple[list, int]:
-    """(passage index, question, sentence, answer ids) pairs, the held-out ones first, and their number.
-    A pair is kept only if its answer states a fact of the document that its question does not."""
-    words = fact_words(document)
+def make_pairs(net, prompts: Prompts, passages: list[str], doc_of: list[int], documents: list[str],
+               held_out_share: float, settings: Settings, generator) -> tuple[list, int]:
+    """(passage index, question, sentence, answer ids) pairs, the held-out ones first, and their number;
+    passage p is of documents[doc_of[p]]. A pair is kept only if its answer states a fact of its document
+    that its question does not."""
+    words = [fact_words(d) for d in documents]
 
     def answered(asked: list[tuple[int, str, str]], stage: str) -> list[tuple[int, str, str, list[int]]]:
         answers = teacher_answers(net, prompts, passages, [(p, q) for p, q, _ in asked], settings, stage)
-        checked = [checked_answer(q, s, a, words, prompts) for (_, q, s), a in zip(asked, answers)]
+        checked = [checked_answer(q, s, a, words[doc_of[p]], prompts) for (p, q, s), a in zip(asked, answers)]
         return [(p, q, s, a) for (p, q, s), a in zip(asked, checked) if a is not None]
 
     pairs = answered(write_questions(net, prompts, passages, settings, generator), "answers")
@@ -892,7 +1005,7 @@ def make_pairs(net, prompts: Prompts, passages: list[str], document: str, held_o
     random.Random(settings.seed).shuffle(pairs)
     held_out = math.ceil(held_out_share * len(pairs))
     if settings.blanks:  # trained on, never held out
-        pairs += answered(blanked_questions(passages, document), "blanks")
+        pairs += answered(blanked_questions(passages, doc_of, documents), "blanks")
     return pairs, held_out
 
 
@@ -906,83 +1019,123 @@ def guard_examples(net, prompts: Prompts, general_prompts: list[str], settings: 
     return [Example([], p, p, a) for p, a in zip(ids, answers)]
 
 
-def run(args, settings: Settings, document: str, eval_items: list[dict] | None, tmp: str) -> dict:
-    """The whole method on one document; writes the adapter, qa.jsonl and report.json into tmp."""
+def run(args, settings: Settings, documents: list[tuple[str, str]], earlier: list[tuple[str, str]],
+        earlier_pairs: list, given_pairs: list | None, eval_items: list[dict] | None, tmp: str) -> dict:
+    """
+    The whole method on the documents, (path, text) each; writes the adapter, qa.jsonl and report.json
+    into tmp. Growing (--adapter with --doc), the earlier documents come first and their pairs, the earlier
+    run's qa.jsonl, are replayed; with --pairs the pairs are read, not written anew.
+    """
     net, prompts = load_model(args, settings)
     linear = {name.rpartition(".")[2] for name, mod in net.named_modules() if isinstance(mod, torch.nn.Linear)}
     if unknown := sorted(set(settings.targets) - linear):
         raise InputError(f"--targets: the model has no linear layer named {' '.join(unknown)} "
                          f"(it has {' '.join(sorted(linear))})")
+    settings.lr = settings.lr or lr_for(net)
+    print("settings: " + ", ".join(f"{k} {v}" for k, v in asdict(settings).items()), file=sys.stderr)
     torch.manual_seed(settings.seed)
     # on the model's device: torch.multinomial refuses a CPU generator for CUDA probabilities
     generator = torch.Generator(net.model.embed_tokens.weight.device).manual_seed(settings.seed)
-    passages = document_passages(document, prompts, net, settings.passage_tokens)
-    print(f"{len(document.split())} words in {len(passages)} passage(s); "
-          f"{sum(p.numel() for p in net.parameters()) / 1e6:.0f}M parameters", file=sys.stderr)
+    everything = earlier + documents
+    texts = [text for _, text in everything]
+    passages, doc_of = [], []  # every document's passages, in order; doc_of[p]: the index of p's document
+    for d, text in enumerate(texts):
+        pieces = document_passages(text, prompts, net, settings.passage_tokens)
+        passages += pieces
+        doc_of += [d] * len(pieces)
+    first = doc_of.index(len(earlier))  # the first passage of the new documents
+    print(f"{len(documents)} document(s), {sum(len(t.split()) for _, t in documents)} words in "
+          f"{len(passages) - first} passage(s)" + (f"; {len(earlier)} earlier document(s) replayed" if earlier else "")
+          + f"; {sum(p.numel() for p in net.parameters()) / 1e6:.0f}M parameters", file=sys.stderr)
 
-    pairs, held_out = make_pairs(net, prompts, passages, document, 0 if eval_items else settings.holdout,
-                                 settings, generator)
-    examples = [Example(*prompts.teacher(passages[p], q), prompts.student(q), a) for p, q, _, a in pairs[held_out:]]
+    if given_pairs is not None:
+        pairs, held_out = pairs_in(given_pairs, args.pairs, passages, prompts)
+    else:
+        pairs, held_out = make_pairs(net, prompts, passages[first:], doc_of[first:], texts,
+                                     0 if eval_items else settings.holdout, settings, generator)
+        pairs = [(p + first, q, s, a) for p, q, s, a in pairs]
+    replayed, replay_held = (pairs_in(earlier_pairs, os.path.join(args.adapter, "qa.jsonl"), passages, prompts)
+                             if earlier else ([], 0))
+    examples, replay = ([Example(*prompts.teacher(passages[p], q), prompts.student(q), a) for p, q, _, a in rows]
+                        for rows in (pairs[held_out:], replayed[replay_held:] if settings.replay_batch else []))
     general_qa, guard_prompts, drift_prompts = load_general(settings.seed)
     guard = guard_examples(net, prompts, guard_prompts, settings) if settings.guard else []
-    asked = [q for _, q, _, _ in pairs[held_out:] if not q.startswith(BLANKS)]  # the model's own questions
-    weights = form_weights(guard_prompts, asked, document)
+    asked = [q for _, q, _, _ in pairs[held_out:] + replayed[replay_held:] if not q.startswith(BLANKS)]
+    weights = form_weights(guard_prompts, asked, "\n\n".join(texts))
 
-    lora.inject_lora(net, settings.rank, settings.alpha, targets=settings.targets)
+    if earlier:  # the adapter goes on from where it was, in its own shape
+        config = lora.load_adapter(net, args.adapter)
+        settings.rank, settings.alpha, settings.targets = config["r"], config["lora_alpha"], tuple(config["target_modules"])
+    else:
+        lora.inject_lora(net, settings.rank, settings.alpha, targets=settings.targets)
     with frozen_weights_in_bf16(net, settings):
-        losses = train(net, examples, guard, weights, settings)
+        losses = train(net, examples, guard, weights, settings, replay)
 
     name = "sft" if settings.method == "sft" else "distilled"
     if eval_items is None:  # no gold answers: agreement with the teacher's answers to held-out questions
-        eval_items = [{"question": q, "answers": [prompts.decode(a)]} for _, q, _, a in pairs[:held_out]]
-    open_book = document_passages(document, prompts, net, OPEN_BOOK_TOKENS)
-    entries, accuracy = evaluate(net, prompts, eval_items, open_book, name, settings, by_f1=args.eval is None)
-    terms = leak_terms(document, lambda text: len(prompts.encode(text)))
+        eval_items = [{"eval": "held-out questions", "question": q, "answers": [prompts.decode(a)]}
+                      for _, q, _, a in pairs[:held_out]]
+    open_book = [p for text in texts for p in document_passages(text, prompts, net, OPEN_BOOK_TOKENS)]
+    entries, by_eval = evaluate(net, prompts, eval_items, open_book, name, settings, by_f1=args.eval is None)
+    terms = set().union(*(leak_terms(text, lambda t: len(prompts.encode(t))) for text in texts))
     forgot = forgetting(net, prompts, general_qa, drift_prompts, terms, settings)
 
-    model_name = args.model or gguf_model.DEFAULT_NAME
-    lora.save_adapter(net, tmp, model_name)
-    with open(os.path.join(tmp, "qa.jsonl"), "w", encoding="utf-8") as f:
-        for i, (p, q, s, a) in enumerate(pairs):
-            f.write(json.dumps({"passage": p, "sentence": s, "question": q, "answer": prompts.decode(a),
-                                "held_out": i < held_out}, ensure_ascii=False) + "\n")
+    lora.save_adapter(net, tmp, model_name(args))
+    with open(os.path.join(tmp, "qa.jsonl"), "w", encoding="utf-8") as f:  # the new pairs, then the replayed
+        for i, (p, q, s, a) in enumerate(pairs + replayed):
+            held = i < held_out or len(pairs) <= i < len(pairs) + replay_held
+            f.write(json.dumps({"doc": os.path.abspath(everything[doc_of[p]][0]), "passage": p - doc_of.index(doc_of[p]),
+                                "passage_sha256": digest(passages[p])[:16], "sentence": s, "question": q,
+                                "answer": prompts.decode(a), "answer_ids": a, "held_out": held},
+                               ensure_ascii=False) + "\n")
     epoch = len(losses) // settings.epochs
     report = {
-        "doc": os.path.abspath(args.doc), "model": model_name, "settings": asdict(settings),
-        "passages": len(passages), "qa_pairs": len(pairs), "train_examples": len(examples),
+        "documents": [{"path": os.path.abspath(path), "sha256": digest(text), "passages": doc_of.count(d),
+                       "pairs": sum(doc_of[p] == d for p, *_ in pairs + replayed)}
+                      for d, (path, text) in enumerate(everything)],
+        "grown_from": args.adapter and os.path.abspath(args.adapter), "pairs_from": args.pairs,
+        "model": model_name(args), "settings": asdict(settings),
+        "passages": len(passages), "qa_pairs": len(pairs), "replayed_pairs": len(replay), "train_examples": len(examples),
         "guard_prompts": len(guard),  # and the 20 most drawn, by the weight of the document's forms:
         "guard_forms": dict(sorted(((g, w) for g, w in zip(guard_prompts, weights) if w), key=lambda x: -x[1])[:20]),
         "metric": "token F1 against the teacher's answer" if args.eval is None else "accuracy (gold answer contained)",
-        "open_book": "the whole document" if len(open_book) == 1 else "the best-matching passage (retrieval)",
-        "accuracy": accuracy, "forgetting": {k: v for k, v in forgot.items() if k != "answers"},
+        "open_book": "the whole document" if len(open_book) == 1 else
+                     "retrieval: the passage that best matches the question (the paper's RAG baseline)",
+        "accuracy": list(by_eval.values())[-1], "accuracy_by_eval": by_eval,  # the last: pooled, or the only one
+        "forgetting": {k: v for k, v in forgot.items() if k != "answers"},
         "loss_first_epoch": sum(losses[:epoch]) / epoch, "loss_last_epoch": sum(losses[-epoch:]) / epoch,
         "seconds": {k: s for k, (s, _) in STAGES.items()}, "peak_memory_gb": {k: gb for k, (_, gb) in STAGES.items()},
         "eval": entries, "general_answers": forgot["answers"]}
     write_json(os.path.join(tmp, "report.json"), report)
-    print(f"\n{len(entries)} questions, {len(examples)} training pairs, seed {settings.seed}")
-    print_results(accuracy, forgot, "F1 vs teacher" if args.eval is None else "accuracy")
+    print(f"\n{len(entries)} questions, {len(examples)} training pairs"
+          + (f" and {len(replay)} replayed" if replay else "") + f", seed {settings.seed}")
+    print_results(by_eval, entries, forgot, "F1 vs teacher" if args.eval is None else "accuracy")
     return report
 
 
-def use_adapter(args, settings: Settings, items: list[dict] | None, document: str | None, tmp: str | None) -> None:
-    """--ask: one question, closed book. --eval: the adapter scored, and with --out a report.json."""
+def use_adapter(args, settings: Settings, items: list[dict] | None, documents: list[tuple[str, str]],
+                tmp: str | None) -> None:
+    """--ask: one question, closed book. --eval: the adapter scored, open book on the documents it learned,
+    and with --out a report.json."""
     net, prompts = load_model(args, settings)
     if args.adapter is not None:
         lora.load_adapter(net, args.adapter)
     if args.ask is not None:
         print(prompts.decode(closed_book(net, prompts, [args.ask], settings, "answer")[0]))
         return
-    open_book = document_passages(document, prompts, net, OPEN_BOOK_TOKENS) if document else None
-    entries, accuracy = evaluate(net, prompts, items, open_book, "adapter", settings)
+    texts = [text for _, text in documents]
+    open_book = [p for text in texts for p in document_passages(text, prompts, net, OPEN_BOOK_TOKENS)]
+    entries, by_eval = evaluate(net, prompts, items, open_book, "adapter", settings)
     general_qa, _, drift_prompts = load_general(settings.seed)
-    terms = leak_terms(document, lambda text: len(prompts.encode(text))) if document else set()
+    terms = set().union(*(leak_terms(text, lambda t: len(prompts.encode(t))) for text in texts))
     forgot = forgetting(net, prompts, general_qa, drift_prompts, terms, settings)
-    print_results(accuracy, forgot, "accuracy")
+    print_results(by_eval, entries, forgot, "accuracy")
     if tmp:
         write_json(os.path.join(tmp, "report.json"), {
-            "adapter": os.path.abspath(args.adapter), "doc": args.doc and os.path.abspath(args.doc),
-            "model": args.model or gguf_model.DEFAULT_NAME, "metric": "accuracy (gold answer contained)",
-            "accuracy": accuracy, "forgetting": {k: v for k, v in forgot.items() if k != "answers"},
+            "adapter": os.path.abspath(args.adapter), "documents": [os.path.abspath(path) for path, _ in documents],
+            "model": model_name(args), "metric": "accuracy (gold answer contained)",
+            "accuracy": list(by_eval.values())[-1], "accuracy_by_eval": by_eval,
+            "forgetting": {k: v for k, v in forgot.items() if k != "answers"},
             "eval": entries, "general_answers": forgot["answers"]})
 
 
@@ -993,11 +1146,11 @@ def flag(name: str) -> str:
 def check_settings(s: Settings) -> None:
     """Refuses, before any model loads, a setting that would fail or do nothing minutes later."""
     for name, low in {"questions_per_passage": 1, "rank": 1, "epochs": 1, "batch_size": 1, "generation_batch": 1,
-                      "passage_tokens": 16, "guard_batch": int(s.guard)}.items():
+                      "passage_tokens": 16, "guard_batch": int(s.guard), "replay_batch": 0}.items():
         if getattr(s, name) < low:
             also = " (--no-guard trains without the guard)" if name == "guard_batch" else ""
             raise InputError(f"{flag(name)} must be at least {low}{also}")
-    for name in ("alpha", "lr", "temperature"):
+    for name in ("alpha", "lr", "temperature") if s.lr is not None else ("alpha", "temperature"):
         if not 0 < getattr(s, name) < math.inf:  # written so that nan is refused too
             raise InputError(f"{flag(name)} must be a number above 0")
     for name in ("guard_weight", "question_temperature"):
@@ -1011,13 +1164,21 @@ def main() -> int:
     defaults = Settings()
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0],
                                      epilog="Why each default is what it is: MEASUREMENTS.md.")
-    parser.add_argument("--doc", help="the document to inject (UTF-8 text)")
-    parser.add_argument("--eval", help="JSONL of {question, answers} to score on (default: held-out generated questions)")
-    parser.add_argument("--out", help="output folder (default: runs/<document name>)")
+    parser.add_argument("--doc", nargs="+", metavar="PATH",
+                        help="the documents to inject, UTF-8 text: files, and folders, whose .txt and .md files "
+                             "are read recursively in sorted order, hidden ones left out")
+    parser.add_argument("--eval", nargs="+", metavar="QA.jsonl",
+                        help="JSONL files of {question, answers} to score on, one row each and a pooled row "
+                             "(default: held-out generated questions)")
+    parser.add_argument("--pairs", metavar="QA.jsonl",
+                        help="an earlier run's qa.jsonl: train on its pairs, not new ones (--doc still needed)")
+    parser.add_argument("--out", help="output folder (default: runs/<name of the first --doc>)")
     parser.add_argument("--force", action="store_true", help="replace an earlier run in --out")
-    parser.add_argument("--model", help="Hugging Face-style model folder (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", help="a Hugging Face-style folder or a GGUF file of a llama, qwen2 or qwen3 "
+                                         "model (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
-    parser.add_argument("--adapter", help="a trained adapter to use instead of training (with --eval or --ask)")
+    parser.add_argument("--adapter", help="a trained adapter: with --doc, it learns those documents too, replaying "
+                                           "its earlier pairs; else it is scored (--eval) or asked (--ask)")
     parser.add_argument("--ask", help="answer this question closed book (with --adapter, or by the base model)")
     parser.add_argument("--method", choices=["distill", "sft"], default=defaults.method,
                         help="sft: the baseline, cross-entropy on the teacher's answers (default: distill)")
@@ -1031,40 +1192,54 @@ def main() -> int:
                         help="the linear layers that get an adapter (default: the seven projections; "
                              "add lm_head as the paper does)")
     for name in ("questions_per_passage", "passage_tokens", "rank", "alpha", "lr", "epochs", "batch_size",
-                 "temperature", "guard_weight", "guard_batch", "form_share",
+                 "temperature", "guard_weight", "guard_batch", "form_share", "replay_batch",
                  "question_temperature", "generation_batch", "seed"):
         default = getattr(defaults, name)
-        parser.add_argument(flag(name), type=type(default), default=default, help=f"default: {default}",
+        parser.add_argument(flag(name), type=float if name == "lr" else type(default), default=default,
+                            help=f"default: {default if default is not None else 'from the model size'}",
                             metavar="N" if isinstance(default, int) else "X")
     args = parser.parse_args()
     settings = Settings(**{k: getattr(args, k) for k in asdict(defaults) if hasattr(args, k)})
     settings.targets = tuple(settings.targets)
     tmp = None
     try:
-        for name in ("doc", "eval", "out", "model", "adapter", "ask"):  # "": an unset shell variable, say
-            if getattr(args, name) is not None and not getattr(args, name).strip():
+        for name in ("doc", "eval", "pairs", "out", "model", "adapter", "ask"):  # "": an unset shell variable, say
+            value = getattr(args, name)
+            if value is not None and not all(v.strip() for v in (value if isinstance(value, list) else [value])):
                 raise InputError(f"--{name} is empty")
         check_settings(settings)
-        training = args.adapter is None and args.ask is None
-        if args.ask is not None and (args.eval, args.doc, args.out) != (None, None, None):
-            raise InputError("--ask answers one question closed book; it takes no --doc, --eval or --out")
+        training = args.ask is None and (args.adapter is None or args.doc is not None)
+        if args.ask is not None and (args.eval, args.doc, args.out, args.pairs) != (None, None, None, None):
+            raise InputError("--ask answers one question closed book; it takes no --doc, --eval, --pairs or --out")
         if not training and args.ask is None and args.eval is None:
-            raise InputError("--adapter needs one of --eval QA.jsonl and --ask QUESTION")
+            raise InputError("--adapter needs one of --eval QA.jsonl, --ask QUESTION and --doc (to learn more)")
         if args.adapter is not None and not os.path.isfile(os.path.join(args.adapter, lora.CONFIG_NAME)):
             raise InputError(f"no adapter in {args.adapter} ({lora.CONFIG_NAME} missing)")
         if training and args.doc is None:
-            raise InputError("--doc is required (the document to inject)")
+            raise InputError("--doc is required (the documents to inject)")
         # Every input is read, and --out readied, before the model loads.
-        document = read_document(args.doc) if args.doc is not None else None
-        items = read_eval_file(args.eval) if args.eval is not None else None
+        documents = [(path, read_document(path)) for path in document_files(args.doc or [])]
+        earlier, earlier_pairs = [], []
+        if args.adapter is not None:  # its documents: to grow from, or for open book when it is scored
+            earlier = earlier_documents(args.adapter, model_name(args) if training else None)
+        if training and args.adapter is not None:
+            if not earlier:
+                raise InputError(f"--adapter {args.adapter} has no report.json listing its documents, which growing needs")
+            if known := [path for path, text in documents if digest(text) in {digest(t) for _, t in earlier}]:
+                raise InputError(f"{known[0]} is already learned by --adapter {args.adapter}; give only new documents")
+            earlier_pairs = read_pairs(os.path.join(args.adapter, "qa.jsonl"))
+        given_pairs = read_pairs(args.pairs) if args.pairs is not None else None
+        items = [x for path in args.eval for x in read_eval_file(path)] if args.eval is not None else None
+        if given_pairs is not None and items is None and not any(p["held_out"] for _, p in given_pairs):
+            raise InputError(f"{args.pairs} holds no held-out pairs to score on; give --eval")
         out = args.out
         if training and out is None:
-            out = os.path.join("runs", os.path.splitext(os.path.basename(args.doc))[0])
+            out = os.path.join("runs", os.path.splitext(os.path.basename(os.path.normpath(args.doc[0])))[0])
         tmp = start_output(out, args.force) if out is not None else None
         if training:
-            run(args, settings, document, items, tmp)
+            run(args, settings, documents, earlier, earlier_pairs, given_pairs, items, tmp)
         else:
-            use_adapter(args, settings, items, document, tmp)
+            use_adapter(args, settings, items, earlier, tmp)
         if tmp:
             finish_output(tmp, out)
             print(f"\nwritten to {out}")

@@ -55,11 +55,11 @@ def write_tiny_tokenizer(path: str, vocab_size: int) -> None:
         json.dump({"chat_template": CHAT_TEMPLATE, "eos_token": "<|im_end|>", "bos_token": None}, f)
 
 
-def make_tiny_checkpoint(path: str, name: str, seed: int = 0):
+def make_tiny_checkpoint(path: str, name: str, seed: int = 0, **overrides):
     """Save a random transformers model of the named family to `path`; return the transformers model."""
     import transformers
     config_cls, model_cls, extra = TINY_CONFIGS[name]
-    config = getattr(transformers, config_cls)(**{**COMMON, **extra})
+    config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     hf = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():  # random norms and biases too, so a mistake in either shows up

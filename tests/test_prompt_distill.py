@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -181,7 +182,7 @@ def test_sentences_do_not_end_at_a_title():
 def test_blanks_cover_each_name_and_number_but_not_what_the_document_is_about():
     document = ("Odessa Marchbank is the mayor of Quillmere. The ferry to Pellow Island runs 9 times a day. "
                 "Quillmere has a lake. Quillmere has a school. Quillmere has a port. It opened in 1901.")
-    asked = pd.blanked_questions([document], document)
+    asked = pd.blanked_questions([document], [0], [document])
     assert {q for _, q, _ in asked} == {
         'Fill in the blank: "___ is the mayor of Quillmere."',
         'Fill in the blank: "Odessa Marchbank is the mayor of ___."',
@@ -192,13 +193,13 @@ def test_blanks_cover_each_name_and_number_but_not_what_the_document_is_about():
         'Complete the sentence: "It opened in ..."'}
     assert all(p == 0 and sentence in document for p, _, sentence in asked)
     about_quillmere = document + " Quillmere has a bell."  # now in five sentences: what the text is about
-    asked = pd.blanked_questions([about_quillmere], about_quillmere)
+    asked = pd.blanked_questions([about_quillmere], [0], [about_quillmere])
     assert not any(q.endswith('mayor of ___."') for _, q, _ in asked)
 
 
 def test_a_number_that_begins_a_sentence_is_blanked_too():
     document = "1887 saw the first ferry. It was named the Patient Gull."
-    assert 'Fill in the blank: "___ saw the first ferry."' in {q for _, q, _ in pd.blanked_questions([document], document)}
+    assert 'Fill in the blank: "___ saw the first ferry."' in {q for _, q, _ in pd.blanked_questions([document], [0], [document])}
 
 
 def test_a_pair_teaches_the_fact_words_its_answer_adds_to_its_question():
@@ -504,6 +505,28 @@ def test_guard_rows_are_drawn_by_form_weight_in_their_share_and_uniformly_otherw
     assert pd.draw_guard([], [], settings, rng) == []  # --no-guard
 
 
+@pytest.mark.parametrize("dims, lr", [
+    (dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+          num_key_value_heads=3, vocab_size=49152), 1e-3),  # SmolLM2-135M, the default
+    (dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+          num_key_value_heads=2, vocab_size=151936), 3e-4),  # Qwen2.5-0.5B: measured to want 3e-4
+    (dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+          num_key_value_heads=8, vocab_size=128256), 2e-5),  # Llama-3-8B: the paper's order, 1e-5
+])
+def test_the_learning_rate_falls_in_proportion_to_the_models_size(dims, lr):
+    with torch.device("meta"):  # shapes only, no memory
+        net = m.Transformer(m.Config.from_hf({"model_type": "llama", **dims}))
+    assert pd.lr_for(net) == lr
+
+
+def test_a_run_prints_its_settings_first_the_learning_rate_derived(tiny_run, capsys):
+    run, out = tiny_run
+    assert run("--eval", QA) == 0
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith("settings: ") and "lr 0.001," in first and "rank 32," in first
+    assert json.load(open(out / "report.json"))["settings"]["lr"] == 1e-3
+
+
 def test_the_guard_and_drift_prompts_are_disjoint_and_neither_holds_a_retention_question():
     general_qa, guard, drift = pd.load_general(0)
     assert guard and drift and not set(guard) & set(drift)
@@ -531,7 +554,7 @@ def assert_one_line_error(result, words: str) -> None:
     (b"  \n\n \t\n", "is empty"),
     (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not a text file"),
     ("Caf\u00e9 au lait".encode("latin-1"), "not UTF-8"),
-    ("a folder", "is a folder"),
+    ("a folder", "holds no .txt or .md file (it is empty)"),
 ])
 def test_bad_document_is_one_line(tmp_path, content, words):
     doc = tmp_path / "doc.txt"
@@ -563,10 +586,11 @@ def test_an_eval_file_that_starts_with_a_byte_order_mark_is_read(tmp_path):
     with_bom = tmp_path / "qa.jsonl"
     with open(QA, "rb") as f:
         with_bom.write_bytes(b"\xef\xbb\xbf" + f.read())  # as Windows' Notepad saves UTF-8
-    assert pd.read_eval_file(str(with_bom)) == pd.read_eval_file(QA)
+    bom, plain = pd.read_eval_file(str(with_bom)), pd.read_eval_file(QA)
+    assert [dict(x, eval=QA) for x in bom] == plain  # the same questions; each names its own file
 
 
-@pytest.mark.parametrize("flag", ["--doc", "--eval", "--out", "--model", "--ask"])
+@pytest.mark.parametrize("flag", ["--doc", "--eval", "--pairs", "--out", "--model", "--ask"])
 @pytest.mark.parametrize("value", ["", "   "])
 def test_an_empty_value_is_refused_not_taken_for_a_missing_one(tmp_path, flag, value):
     args = {"--doc": DOC, "--out": str(tmp_path / "o"), flag: value}
@@ -614,10 +638,10 @@ def test_a_killed_runs_leftovers_are_cleaned_up_and_a_live_ones_kept(tmp_path):
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--adapter", "x"], "needs one of --eval QA.jsonl and --ask"),
-    (["--ask", "Who?", "--eval", QA], "it takes no --doc, --eval or --out"),
-    (["--ask", "Who?", "--doc", DOC], "it takes no --doc, --eval or --out"),
-    (["--ask", "Who?", "--out", "o"], "it takes no --doc, --eval or --out"),
+    (["--adapter", "x"], "needs one of --eval QA.jsonl, --ask QUESTION and --doc"),
+    (["--ask", "Who?", "--eval", QA], "it takes no --doc, --eval, --pairs or --out"),
+    (["--ask", "Who?", "--doc", DOC], "it takes no --doc, --eval, --pairs or --out"),
+    (["--ask", "Who?", "--out", "o"], "it takes no --doc, --eval, --pairs or --out"),
     (["--adapter", "no such folder", "--ask", "Who?"], "no adapter in no such folder"),
     ([], "--doc is required"),
 ])
@@ -659,9 +683,10 @@ def test_guard_batch_zero_is_refused_only_with_the_guard_on():
 def test_help_gives_each_numeric_settings_default_next_to_its_flag():
     out = run_cli("--help").stdout
     defaults = pd.Settings()
-    for name in ("questions_per_passage", "lr", "epochs", "batch_size", "guard_weight", "seed"):
+    assert re.search(r"--lr X\s+default: from the model size\n", out)
+    for name in ("questions_per_passage", "epochs", "batch_size", "guard_weight", "seed"):
         value = getattr(defaults, name)
-        assert pytest.importorskip("re").search(rf"{pd.flag(name)} [A-Z]+\s+default: {value}\n", out), name
+        assert re.search(rf"{pd.flag(name)} [A-Z]+\s+default: {value}\n", out), name
 
 
 def test_a_target_the_model_does_not_have_is_refused_before_any_work(tiny_llama, tmp_path):
@@ -698,6 +723,77 @@ def test_an_out_that_is_a_file_is_refused(tmp_path):
     assert out.read_text() == "keep me"
 
 
+# Many documents: folders, --pairs, and an adapter that grows
+
+def test_a_folder_is_its_txt_and_md_files_recursively_in_sorted_order(tmp_path):
+    for name in ("b.md", "a.txt", "sub/c.txt", "sub/z.pdf", ".hidden/d.md", ".e.md", "notes.docx"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("Some words of a note.")
+    listed = pd.document_files([str(tmp_path), str(tmp_path / "a.txt")])  # a file named twice is read once
+    assert listed == [str(tmp_path / n) for n in ("a.txt", "b.md", "sub/c.txt")]
+
+
+@pytest.mark.parametrize("files, words", [
+    ({}, "holds no .txt or .md file (it is empty)"),
+    ({"slides.pdf": b"%PDF-1.4"}, "holds no .txt or .md file"),
+    ({"a.txt": b"A good note about the lake.", "b.md": b"\x89PNG\r\n\x1a\n\x00\x00"}, "b.md is not a text file"),
+])
+def test_a_folder_without_notes_or_with_a_binary_one_is_one_line(tmp_path, files, words):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for name, content in files.items():
+        (notes / name).write_bytes(content)
+    out = tmp_path / "out"
+    assert_one_line_error(run_cli("--doc", str(notes), "--out", str(out), "--model", str(tmp_path)), words)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text, words", [
+    (b'{"question": "Who?", "answers": ["X"]}\n', "line 1: not a pair of a run's qa.jsonl"),
+    (b"\n\n", "holds no pairs"),
+])
+def test_a_pairs_file_that_is_not_a_runs_qa_jsonl_is_named(tmp_path, text, words):
+    (tmp_path / "qa.jsonl").write_bytes(text)
+    result = run_cli("--doc", DOC, "--pairs", str(tmp_path / "qa.jsonl"), "--out", str(tmp_path / "o"),
+                     "--model", str(tmp_path / "no model"))
+    assert_one_line_error(result, words)  # read before the model loads
+
+
+def fake_adapter(folder, documents, model) -> str:
+    """An adapter folder whose report.json lists these documents: enough for the checks made before loading."""
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "qa.jsonl").write_text("")
+    listed = [{"path": str(d), "sha256": pd.digest(d.read_text())} for d in documents]
+    (folder / "report.json").write_text(json.dumps({"model": model, "documents": listed}))
+    return str(folder)
+
+
+@pytest.mark.parametrize("change, words", [
+    ("delete", "is gone"),
+    ("edit", "has changed since --adapter"),
+    ("other model", "was trained on"),
+    ("same document", "is already learned by --adapter"),
+    ("no report", "has no report.json listing its documents"),
+])
+def test_growing_refuses_an_adapter_whose_documents_or_model_do_not_match(tmp_path, change, words):
+    old, new = tmp_path / "old.txt", tmp_path / "new.txt"
+    old.write_text("The lighthouse at Greywillow was built in 1881.")
+    new.write_text("The ferry to Marrow Island runs twice a day.")
+    model = str(tmp_path / "model")
+    adapter = fake_adapter(tmp_path / "adapter", [old], "another model" if change == "other model" else model)
+    if change == "delete":
+        old.unlink()
+    if change == "no report":  # PEFT's adapters, say: scored or asked, but not grown
+        os.remove(os.path.join(adapter, "report.json"))
+    if change == "edit":
+        old.write_text("The lighthouse at Greywillow was built in 1882.")
+    doc = old if change == "same document" else new
+    result = run_cli("--adapter", adapter, "--doc", str(doc), "--model", model, "--out", str(tmp_path / "o"))
+    assert_one_line_error(result, words)
+    assert not (tmp_path / "o").exists()
+
+
 # End to end on a tiny random model. It cannot write questions, so the gold questions stand in; its
 # answers state no fact of the document, so every pair counts as stating one.
 
@@ -722,8 +818,8 @@ def test_the_guard_is_the_base_models_answers_weighted_by_the_documents_question
                                                                                         monkeypatch):
     run, out = tiny_run
     drawn, train = [], pd.train
-    monkeypatch.setattr(pd, "train", lambda net, examples, guard, weights, settings:
-                        drawn.append((examples, guard, weights)) or train(net, examples, guard, weights, settings))
+    monkeypatch.setattr(pd, "train", lambda net, examples, guard, weights, settings, replay:
+                        drawn.append((examples, guard, weights)) or train(net, examples, guard, weights, settings, replay))
     assert run() == 0
     (examples, guard, weights), = drawn
     _, tokenizer, chat = m.load(tiny_llama[0])
@@ -746,7 +842,7 @@ def test_end_to_end_on_a_tiny_model_writes_adapter_qa_and_report(tiny_run, tiny_
             "drift"} == set(report["forgetting"])
     assert {"answers", "guard", "targets", "training", "distilled", "open book"} <= set(report["seconds"])
     assert len(report["eval"]) == sum(1 for _ in open(QA))
-    assert set(report["eval"][0]) == {"question", "answers", "closed_book", "open_book", "distilled"}
+    assert set(report["eval"][0]) == {"eval", "question", "answers", "closed_book", "open_book", "distilled"}
     pairs = [json.loads(line) for line in open(out / "qa.jsonl")]
     assert report["qa_pairs"] == len(pairs) > report["train_examples"] - 1 and not any(p["held_out"] for p in pairs)
     net, _, _ = m.load(tiny_llama[0])
@@ -764,7 +860,7 @@ def test_blanks_are_asked_of_the_teacher_and_trained_never_held_out(tiny_run, mo
     monkeypatch.setattr(pd, "teacher_answers", spy)
     assert run() == 0  # no --eval: a share of the model's own questions is held out
     document = open(DOC, encoding="utf-8").read()
-    blanks = [q for _, q, _ in pd.blanked_questions([document], document)]
+    blanks = [q for _, q, _ in pd.blanked_questions([document], [0], [document])]
     assert [q for stage, q in asked if stage == "blanks"] == blanks and len(blanks) > 20
     pairs = [json.loads(line) for line in open(out / "qa.jsonl")]
     assert any(p["held_out"] for p in pairs) and not any(p["held_out"] for p in pairs if p["question"] in blanks)
@@ -849,7 +945,7 @@ def test_an_adapter_answers_and_its_evaluation_writes_a_report(tiny_run, tiny_ll
     assert pd.main() == 0
     adapted = [e["distilled"] for e in trained["eval"] if e["question"] == "Who founded the town of Quillmere?"]
     assert capsys.readouterr().out.strip() == adapted[0]  # the same greedy answer as in the run
-    sys.argv = base + ["--eval", QA, "--doc", DOC, "--out", str(tmp_path / "scored")]
+    sys.argv = base + ["--eval", QA, "--out", str(tmp_path / "scored")]  # open book: the documents it learned
     assert pd.main() == 0
     report = json.load(open(tmp_path / "scored" / "report.json"))
     assert [e["adapter"] for e in report["eval"]] == [e["distilled"] for e in trained["eval"]]
@@ -865,3 +961,80 @@ def test_ask_without_an_adapter_answers_with_the_base_model(tiny_llama, monkeypa
     prompts = pd.Prompts(tokenizer, chat)
     expected = prompts.decode(m.generate(net, [prompts.student("who is the mayor ?")], 32, chat.stop_ids)[0])
     assert capsys.readouterr().out.strip() == expected
+
+
+DOCS = [os.path.join(ROOT, "data", f) for f in ("lake_town.txt", "veltrana_instruments.txt", "kelvaran_expedition.txt")]
+
+
+def test_each_pair_names_its_document_and_passage(tiny_run):
+    run, out = tiny_run
+    assert run("--doc", *DOCS[:2]) == 0
+    report = json.load(open(out / "report.json"))
+    assert [d["path"] for d in report["documents"]] == DOCS[:2] and report["open_book"].startswith("retrieval")
+    pairs = [json.loads(line) for line in open(out / "qa.jsonl")]
+    assert {p["doc"] for p in pairs} == set(DOCS[:2])
+    for p in pairs:
+        text = open(p["doc"], encoding="utf-8").read().strip()
+        assert p["sentence"] in text and p["passage"] < report["documents"][DOCS.index(p["doc"])]["passages"]
+    assert sum(d["pairs"] for d in report["documents"]) == len(pairs)
+
+
+def test_pairs_from_an_earlier_run_train_the_same_adapter_byte_for_byte(tiny_run, tmp_path):
+    run, out = tiny_run
+    assert run("--eval", QA) == 0
+    first = (out / "adapter_model.safetensors").read_bytes()
+    (tmp_path / "qa.jsonl").write_bytes((out / "qa.jsonl").read_bytes())
+    assert run("--eval", QA, "--force", "--pairs", str(tmp_path / "qa.jsonl")) == 0
+    assert (out / "adapter_model.safetensors").read_bytes() == first
+    assert (out / "qa.jsonl").read_bytes() == (tmp_path / "qa.jsonl").read_bytes()
+
+
+def test_pairs_of_another_document_are_refused(tiny_run, tmp_path, capsys):
+    run, out = tiny_run
+    assert run("--doc", DOCS[1], "--eval", QA) == 0
+    (tmp_path / "qa.jsonl").write_bytes((out / "qa.jsonl").read_bytes())
+    assert run("--eval", QA, "--force", "--pairs", str(tmp_path / "qa.jsonl")) == 1
+    assert "is not in the documents given" in capsys.readouterr().err
+
+
+def test_a_grown_adapter_replays_the_earlier_pairs_against_their_own_passages(tiny_run, tiny_llama, tmp_path,
+                                                                               monkeypatch):
+    run, out = tiny_run
+    assert run("--doc", *DOCS[:2], "--eval", QA, "--precision", "fp32") == 0
+    first = tmp_path / "first"
+    os.replace(out, first)
+    seen, train = [], pd.train
+    monkeypatch.setattr(pd, "train", lambda net, examples, guard, weights, settings, replay:
+                        seen.append((net, replay)) or train(net, examples, guard, weights, settings, replay))
+    assert run("--adapter", str(first), "--doc", DOCS[2], "--eval", QA, "--precision", "fp32") == 0
+    (net, replay), = seen
+    earlier = [json.loads(line) for line in open(first / "qa.jsonl")]
+    assert len(replay) == sum(not p["held_out"] for p in earlier) > 0
+    base, tokenizer, chat = m.load(tiny_llama[0], dtype=torch.float32)  # no adapter: the teacher
+    prompts = pd.Prompts(tokenizer, chat)
+    passages = {pd.digest(p)[:16]: p for d in DOCS[:2]
+                for p in pd.document_passages(open(d, encoding="utf-8").read().strip(), prompts, base, 160)}
+    for e, p in zip(replay, [p for p in earlier if not p["held_out"]]):
+        prefix, suffix = prompts.teacher(passages[p["passage_sha256"]], p["question"])
+        assert (e.passage, e.teacher, e.answer) == (prefix, suffix, p["answer_ids"])
+        with torch.no_grad():
+            assert torch.allclose(e.target, pd.answer_hidden(base, [suffix], [e.answer], prefix), atol=1e-5)
+    report = json.load(open(out / "report.json"))
+    assert [d["path"] for d in report["documents"]] == DOCS and report["replayed_pairs"] == len(replay)
+    grown = [json.loads(line) for line in open(out / "qa.jsonl")]
+    assert grown[len(grown) - len(earlier):] == earlier and {p["doc"] for p in grown} == set(DOCS)
+    net, _, _ = m.load(tiny_llama[0])
+    lora.load_adapter(net, str(out))  # and it can grow again: the same files as any run
+
+
+def test_each_eval_file_gets_a_row_and_the_pooled_row_weighs_every_question(tiny_run, capsys):
+    run, out = tiny_run
+    files = [QA, os.path.join(ROOT, "data", "veltrana_instruments.qa.jsonl")]
+    assert run("--doc", *DOCS[:2], "--eval", *files) == 0
+    report = json.load(open(out / "report.json"))
+    assert list(report["accuracy_by_eval"]) == files + ["pooled"]
+    right = [pd.is_correct(e["open_book"], e["answers"]) for e in report["eval"]]
+    assert report["accuracy"] == report["accuracy_by_eval"]["pooled"]
+    assert report["accuracy"]["open_book"] == sum(right) / len(right)
+    table = capsys.readouterr().out
+    assert all(any(line.startswith(name) for line in table.splitlines()) for name in files + ["pooled"])
