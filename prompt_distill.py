@@ -1225,7 +1225,8 @@ def main() -> int:
         if training and args.adapter is not None:
             if not earlier:
                 raise InputError(f"--adapter {args.adapter} has no report.json listing its documents, which growing needs")
-            if known := [path for path, text in documents if digest(text) in {digest(t) for _, t in earlier}]:
+            learned = {digest(text) for _, text in earlier}
+            if known := [path for path, text in documents if digest(text) in learned]:
                 raise InputError(f"{known[0]} is already learned by --adapter {args.adapter}; give only new documents")
             earlier_pairs = read_pairs(os.path.join(args.adapter, "qa.jsonl"))
         given_pairs = read_pairs(args.pairs) if args.pairs is not None else None
