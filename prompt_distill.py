@@ -755,8 +755,10 @@ def load_general(seed: int) -> tuple[list[dict], list[str], list[str]]:
     return general_qa, general[held_out:], general[:held_out]
 
 
-def forgetting(net, prompts: Prompts, general_qa: list[dict], drift_prompts: list[str], terms: set[str],
-               settings: Settings) -> dict:
+def forgetting(net, prompts: Prompts, documents: list[str], settings: Settings) -> dict:
+    """Retention and leakage on the general questions, and drift on the prompts the guard never trained on."""
+    general_qa, _, drift_prompts = load_general(settings.seed)
+    terms = set().union(*(leak_terms(d, lambda t: len(prompts.encode(t))) for d in documents))
     questions = [x["question"] for x in general_qa]
     adapted = [prompts.decode(a) for a in closed_book(net, prompts, questions, settings, "retention")]
     with lora.lora_disabled(net):
@@ -1058,7 +1060,7 @@ def run(args, settings: Settings, documents: list[tuple[str, str]], earlier: lis
                              if earlier else ([], 0))
     examples, replay = ([Example(*prompts.teacher(passages[p], q), prompts.student(q), a) for p, q, _, a in rows]
                         for rows in (pairs[held_out:], replayed[replay_held:] if settings.replay_batch else []))
-    general_qa, guard_prompts, drift_prompts = load_general(settings.seed)
+    _, guard_prompts, _ = load_general(settings.seed)
     guard = guard_examples(net, prompts, guard_prompts, settings) if settings.guard else []
     asked = [q for _, q, _, _ in pairs[held_out:] + replayed[replay_held:] if not q.startswith(BLANKS)]
     weights = form_weights(guard_prompts, asked, "\n\n".join(texts))
@@ -1077,8 +1079,7 @@ def run(args, settings: Settings, documents: list[tuple[str, str]], earlier: lis
                       for _, q, _, a in pairs[:held_out]]
     open_book = [p for text in texts for p in document_passages(text, prompts, net, OPEN_BOOK_TOKENS)]
     entries, by_eval = evaluate(net, prompts, eval_items, open_book, name, settings, by_f1=args.eval is None)
-    terms = set().union(*(leak_terms(text, lambda t: len(prompts.encode(t))) for text in texts))
-    forgot = forgetting(net, prompts, general_qa, drift_prompts, terms, settings)
+    forgot = forgetting(net, prompts, texts, settings)
 
     lora.save_adapter(net, tmp, model_name(args))
     with open(os.path.join(tmp, "qa.jsonl"), "w", encoding="utf-8") as f:  # the new pairs, then the replayed
@@ -1126,9 +1127,7 @@ def use_adapter(args, settings: Settings, items: list[dict] | None, documents: l
     texts = [text for _, text in documents]
     open_book = [p for text in texts for p in document_passages(text, prompts, net, OPEN_BOOK_TOKENS)]
     entries, by_eval = evaluate(net, prompts, items, open_book, "adapter", settings)
-    general_qa, _, drift_prompts = load_general(settings.seed)
-    terms = set().union(*(leak_terms(text, lambda t: len(prompts.encode(t))) for text in texts))
-    forgot = forgetting(net, prompts, general_qa, drift_prompts, terms, settings)
+    forgot = forgetting(net, prompts, texts, settings)
     print_results(by_eval, entries, forgot, "accuracy")
     if tmp:
         write_json(os.path.join(tmp, "report.json"), {
