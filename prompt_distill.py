@@ -602,7 +602,7 @@ def train(net, examples: list[Example], guard: list[Example], weights: list[int]
         for group in optimizer.param_groups:
             group["lr"] = lr
         guard_rows = draw_guard(guard, weights, settings, rng)
-        replayed = rng.sample(replay, min(settings.replay_batch, len(replay))) if replay else []
+        replayed = rng.sample(replay, min(settings.replay_batch, len(replay)))  # none when not growing
         with autocast:  # the forward pass; backward runs outside, as autocast wants
             loss, on_guard = batch_loss(net, batch + replayed, guard_rows, settings)
             total = loss + settings.guard_weight * on_guard
@@ -851,9 +851,10 @@ def read_pairs(path: str) -> list[tuple[int, dict]]:
     return pairs
 
 
-def pairs_in(lines: list[tuple[int, dict]], path: str, passages: list[str], prompts: Prompts) -> tuple[list, int]:
-    """read_pairs' pairs as make_pairs gives them, the held-out ones first, each found among these passages."""
-    where = {digest(p)[:16]: i for i, p in enumerate(passages)}
+def pairs_in(lines: list[tuple[int, dict]], path: str, keys: list[str], prompts: Prompts) -> tuple[list, int]:
+    """read_pairs' pairs as make_pairs gives them, the held-out ones first, each found among the passages
+    whose keys (passage_sha256) these are."""
+    where = {key: i for i, key in enumerate(keys)}
     held, trained = [], []
     for number, pair in lines:
         if pair["passage_sha256"] not in where:
@@ -1046,17 +1047,18 @@ def run(args, settings: Settings, documents: list[tuple[str, str]], earlier: lis
         passages += pieces
         doc_of += [d] * len(pieces)
     first = doc_of.index(len(earlier))  # the first passage of the new documents
+    keys = [digest(p)[:16] for p in passages]  # qa.jsonl's passage_sha256: how a pair finds its passage again
     print(f"{len(documents)} document(s), {sum(len(t.split()) for _, t in documents)} words in "
           f"{len(passages) - first} passage(s)" + (f"; {len(earlier)} earlier document(s) replayed" if earlier else "")
           + f"; {sum(p.numel() for p in net.parameters()) / 1e6:.0f}M parameters", file=sys.stderr)
 
     if given_pairs is not None:
-        pairs, held_out = pairs_in(given_pairs, args.pairs, passages, prompts)
+        pairs, held_out = pairs_in(given_pairs, args.pairs, keys, prompts)
     else:
         pairs, held_out = make_pairs(net, prompts, passages[first:], doc_of[first:], texts,
                                      0 if eval_items else settings.holdout, settings, generator)
         pairs = [(p + first, q, s, a) for p, q, s, a in pairs]
-    replayed, replay_held = (pairs_in(earlier_pairs, os.path.join(args.adapter, "qa.jsonl"), passages, prompts)
+    replayed, replay_held = (pairs_in(earlier_pairs, os.path.join(args.adapter, "qa.jsonl"), keys, prompts)
                              if earlier else ([], 0))
     examples, replay = ([Example(*prompts.teacher(passages[p], q), prompts.student(q), a) for p, q, _, a in rows]
                         for rows in (pairs[held_out:], replayed[replay_held:] if settings.replay_batch else []))
@@ -1086,7 +1088,7 @@ def run(args, settings: Settings, documents: list[tuple[str, str]], earlier: lis
         for i, (p, q, s, a) in enumerate(pairs + replayed):
             held = i < held_out or len(pairs) <= i < len(pairs) + replay_held
             f.write(json.dumps({"doc": os.path.abspath(everything[doc_of[p]][0]), "passage": p - doc_of.index(doc_of[p]),
-                                "passage_sha256": digest(passages[p])[:16], "sentence": s, "question": q,
+                                "passage_sha256": keys[p], "sentence": s, "question": q,
                                 "answer": prompts.decode(a), "answer_ids": a, "held_out": held},
                                ensure_ascii=False) + "\n")
     epoch = len(losses) // settings.epochs
